@@ -1,0 +1,163 @@
+"""Stage configs: a YAML file plus `--key value` overrides, checked against a dataclass.
+
+Every stage's config is a dataclass. Values from the YAML file and from the command line go
+through the same check, so a typo or a bad value fails the same way wherever it was written:
+the error names the key, where it came from, and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message says which and what to do."""
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Split `--config FILE --key value --flag` into the config path and raw overrides.
+
+    Hand-rolled rather than argparse on purpose: argparse accepts unambiguous prefixes of
+    option names, and a config key must never be matched by a prefix.
+    """
+    config_path, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"expected --key value, got {token!r}")
+        key, _, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not _:  # `--key value`, or a bare `--flag` meaning true
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "true"
+            i += 1 if has_value else 0
+        if key == "config":
+            config_path = value
+        elif key in overrides:
+            raise ConfigError(f"--{key} is given twice on the command line")
+        else:
+            overrides[key] = value
+        i += 1
+    return config_path, overrides
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build `cls` from a YAML file and overrides (command-line strings or typed values)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        values.update(_checked(cls, loaded, source=str(path)))
+    for key, raw in (overrides or {}).items():
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        if isinstance(raw, str) and not isinstance(value, (bool, int, float, list, dict, type(None))):
+            value = raw  # keep strings verbatim (yaml would eat a leading '#', strip quotes, ...)
+        values.update(_checked(cls, {key: value}, source="the command line"))
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from err
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-able values (enums become their values)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config, so every artifact says how it was made."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def _checked(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else " See the config reference in README.md."
+            raise ConfigError(f"unknown config key {key!r} in {source}.{hint}")
+        try:
+            out[key] = _coerce(value, hints[key])
+        except ValueError as err:
+            raise ConfigError(f"bad value for {key!r} in {source}: {value!r}; {err}") from None
+    return out
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Return `value` as `annotation`, or raise ValueError saying what is accepted."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, member)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(" or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"accepted values: {', '.join(map(str, args))}")
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise ValueError(f"accepted values: {', '.join(str(m.value) for m in annotation)}") from None
+    if origin in (list, tuple):
+        if isinstance(value, str):  # `--temperatures 0.6,1.0` from the command line
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item = args[0] if args else Any
+        return [_coerce(v, item) for v in value]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError("expected a string")
+        return str(value)
+    return value  # a type this checker does not know: the dataclass validates it

@@ -1,0 +1,325 @@
+"""The generate stage: a vLLM teacher samples reasoning traces into a Hugging Face dataset.
+
+Every (prompt id, temperature, sample index) is one vLLM request with its own derived seed,
+so a run reproduces and samples differ. Work is done in shards that are written atomically
+as they finish; a killed run started again with the same command skips what is on disk.
+
+    output_dir/config.yaml         the resolved config (a different one is refused)
+    output_dir/shards/*.parquet    finished work, for resume
+    output_dir/dataset/            the traces (datasets.save_to_disk), TRL prompt-completion
+    output_dir/traces.{jsonl,parquet}, messages.jsonl   exports
+    output_dir/skipped.jsonl       prompts too long for the model's context
+    output_dir/summary.json        counts, tokens, tokens/s, share truncated
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.prompts import Prompt, PromptSource, load_prompts
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class GenerateConfig(PromptSource):
+    output_dir: str = "runs/demo/traces"
+    overwrite: bool = False  # replace an output_dir made with a different config
+    # Teacher engine (vLLM).
+    model: str = "runs/demo/teacher"  # local path or hub id
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None  # unset: the model's own
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # unset: 0.9 on GPU; 0.3 on CPU, where it is the RAM share for KV cache
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
+    # Sampling: every prompt is sampled num_samples times at each temperature.
+    temperatures: list[float] = field(default_factory=lambda: [0.6])
+    num_samples: int = 4
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    max_tokens: int = 4096
+    seed: int = 0  # base of the per-sample seeds
+    # Output.
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    shard_size: int = 64  # prompts per shard (all their temperatures and samples)
+    export: list[Literal["jsonl", "parquet", "messages"]] = field(
+        default_factory=lambda: ["jsonl", "parquet", "messages"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            raise ValueError(f"temperatures has a repeated value: {self.temperatures}")
+        for key in ("num_samples", "max_tokens", "shard_size", "tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def main(cfg: GenerateConfig) -> Any:
+    return generate(cfg)
+
+
+def build_engine(cfg: GenerateConfig) -> Any:
+    import torch
+    from vllm import LLM
+
+    memory = cfg.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3)
+    return LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+               tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
+               gpu_memory_utilization=memory, enable_prefix_caching=cfg.enable_prefix_caching,
+               enforce_eager=cfg.enforce_eager, seed=cfg.seed)
+
+
+def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
+    """Sample every missing (prompt, temperature, sample); save and return the dataset.
+
+    `llm` is an engine to reuse (tests, benchmarks); by default one is built from the config
+    after the prompts and the output dir have been checked, so bad input fails in seconds."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out = Path(cfg.output_dir)
+    prompts = load_prompts(cfg).prompts
+    prepare_output_dir(cfg, out)
+    llm = llm or build_engine(cfg)
+
+    # Render with the teacher's chat template; vLLM would abort the whole call on a prompt
+    # longer than its context, so those are set aside first.
+    tokenizer = llm.get_tokenizer()
+    context = llm.llm_engine.model_config.max_model_len
+    prompt_ids, skipped = {}, []
+    for p in prompts:
+        ids = tokenizer(render(tokenizer, p), add_special_tokens=False).input_ids
+        if len(ids) >= context:  # needs room for at least one output token
+            skipped.append({"id": p.id, "prompt_tokens": len(ids), "max_model_len": context})
+        else:
+            prompt_ids[p.id] = ids
+    _write_jsonl(out / "skipped.jsonl", skipped)
+    if skipped:
+        print(f"skipped {len(skipped)} prompt(s) longer than max_model_len={context}: see {out / 'skipped.jsonl'}")
+
+    units = [(p, t, i) for p in prompts if p.id in prompt_ids for t in cfg.temperatures for i in range(cfg.num_samples)]
+    shards = out / "shards"
+    done = {_key(r) for r in _read_shards(shards, columns=["prompt_id", "temperature", "sample_index"])}
+    todo = [u for u in units if _key(u) not in done]
+
+    per_shard = cfg.shard_size * len(cfg.temperatures) * cfg.num_samples
+    new_tokens, started = 0, time.perf_counter()
+    with tqdm(total=len(units), initial=len(units) - len(todo), desc="generate", unit="sample") as bar:
+        for start in range(0, len(todo), per_shard):
+            chunk = todo[start:start + per_shard]
+            params = [SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+                                     seed=sample_seed(cfg.seed, p.id, t, i)) for p, t, i in chunk]
+            requests = [TokensPrompt(prompt_token_ids=prompt_ids[p.id]) for p, _, _ in chunk]
+            outputs = llm.generate(requests, params, use_tqdm=False)
+            records = [to_record(cfg, unit, o) for unit, o in zip(chunk, outputs)]
+            _write_shard(shards, records)
+            new_tokens += sum(r["completion_tokens"] for r in records)
+            bar.update(len(chunk))
+    elapsed = time.perf_counter() - started
+
+    dataset = assemble(shards, units)
+    save_dataset(dataset, out, cfg.export)
+    summary = summarize(dataset, n_prompts=len(prompts), skipped=len(skipped),
+                        new_tokens=new_tokens, seconds=elapsed, reused=len(units) - len(todo))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, out)
+    return dataset
+
+
+def render(tokenizer: Any, prompt: Prompt) -> str:
+    return tokenizer.apply_chat_template(chat_prompt(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt(prompt: Prompt) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    return system + [{"role": "user", "content": prompt.text}]
+
+
+def sample_seed(base: int, prompt_id: str, temperature: float, index: int) -> int:
+    """A seed per (prompt, temperature, sample): stable across runs, different between samples."""
+    digest = hashlib.sha256(f"{base}|{prompt_id}|{temperature!r}|{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1  # fits in int32
+
+
+def split_think(text: str, start: str, end: str) -> tuple[str, str, bool]:
+    """(reasoning, answer, closed). A template may open the think block itself, so the start
+    tag is optional; without an end tag there is no answer, only reasoning or plain text."""
+    if end in text:
+        before, _, after = text.partition(end)
+        return before.split(start, 1)[-1].strip(), after.strip(), True
+    if start in text:
+        return text.split(start, 1)[1].strip(), "", False
+    return "", text.strip(), False
+
+
+def to_record(cfg: GenerateConfig, unit: tuple[Prompt, float, int], output: Any) -> dict[str, Any]:
+    prompt, temperature, index = unit
+    sample = output.outputs[0]
+    reasoning, answer, closed = split_think(sample.text, cfg.think_start, cfg.think_end)
+    # Keep the text exactly as sampled; add the start tag only where the template had opened it.
+    content = sample.text if not closed or cfg.think_start in sample.text else cfg.think_start + sample.text
+    return {
+        "prompt_id": prompt.id,
+        "prompt": chat_prompt(prompt),
+        "completion": [{"role": "assistant", "content": content}],
+        "reasoning": reasoning,
+        "answer": answer,
+        "think_closed": closed,
+        "reference_answer": prompt.answer,
+        "temperature": temperature,
+        "sample_index": index,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "seed": sample_seed(cfg.seed, prompt.id, temperature, index),
+        "teacher": cfg.model,
+        "finish_reason": sample.finish_reason,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "completion_tokens": len(sample.token_ids),
+    }
+
+
+def prepare_output_dir(cfg: GenerateConfig, out: Path) -> None:
+    """Resume into a dir made by the same config; refuse a different one unless --overwrite."""
+    wanted = {k: v for k, v in config_to_dict(cfg).items() if k != "overwrite"}
+    saved_path = out / CONFIG_FILE
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        if not saved_path.is_file():
+            raise ConfigError(f"{out} is not empty and was not made by this stage; "
+                              "pick another output_dir or pass --overwrite to replace it")
+        import yaml
+        saved = {k: v for k, v in (yaml.safe_load(saved_path.read_text()) or {}).items() if k != "overwrite"}
+        changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+            raise ConfigError(f"{out} was made with a different config ({diff}). Resuming needs the same "
+                              "config: pick another output_dir, or pass --overwrite to start it again")
+    elif cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved_path)
+
+
+def _key(unit: Any) -> tuple[str, float, int]:
+    if isinstance(unit, dict):
+        return unit["prompt_id"], unit["temperature"], unit["sample_index"]
+    prompt, temperature, index = unit
+    return prompt.id, temperature, index
+
+
+def _write_shard(shards: Path, records: list[dict[str, Any]]) -> None:
+    """Write a shard under a temporary name and rename it: a kill never leaves half a shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.stem.split("-")[1]) for p in shards.glob("shard-*.parquet")), default=-1)
+    final = shards / f"shard-{number:05d}.parquet"
+    tmp = final.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(records), tmp)
+    os.replace(tmp, final)
+
+
+def _read_shards(shards: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return [row for path in sorted(shards.glob("shard-*.parquet"))
+            for row in pq.read_table(path, columns=columns).to_pylist()]
+
+
+def assemble(shards: Path, units: list[tuple[Prompt, float, int]]) -> Any:
+    """All shards as one dataset in (prompt, temperature, sample) order, each unit exactly once."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(shards.glob("shard-*.parquet"))])
+    row_of: dict[tuple, int] = {}
+    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in ("prompt_id", "temperature", "sample_index")))):
+        if key in row_of:
+            raise RuntimeError(f"{shards}: sample {key} is stored twice; the shards are inconsistent")
+        row_of[key] = i
+    missing = [_key(u) for u in units if _key(u) not in row_of]
+    if missing:
+        raise RuntimeError(f"{shards}: {len(missing)} samples missing after generation, e.g. {missing[:3]}")
+    return datasets.Dataset(table.take([row_of[_key(u)] for u in units]))
+
+
+def save_dataset(dataset: Any, out: Path, export: list[str]) -> None:
+    """save_to_disk is not atomic: write beside and swap in, so a reader never sees half a dataset."""
+    final, tmp, old = out / "dataset", out / "dataset.tmp", out / "dataset.old"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+    def atomic(path: Path, write) -> None:
+        tmp_path = path.with_name(path.name + ".tmp")
+        write(str(tmp_path))
+        os.replace(tmp_path, path)
+
+    if "jsonl" in export:
+        atomic(out / "traces.jsonl", lambda p: dataset.to_json(p, lines=True, force_ascii=False))
+    if "parquet" in export:
+        atomic(out / "traces.parquet", dataset.to_parquet)
+    if "messages" in export:  # open-r1 style: one `messages` list per sample
+        messages = dataset.map(lambda r: {"messages": r["prompt"] + r["completion"]},
+                               remove_columns=["prompt", "completion"])
+        atomic(out / "messages.jsonl", lambda p: messages.to_json(p, lines=True, force_ascii=False))
+
+
+def summarize(dataset: Any, n_prompts: int, skipped: int, new_tokens: int, seconds: float,
+              reused: int) -> dict[str, Any]:
+    rows = dataset.select_columns(["temperature", "finish_reason", "completion_tokens"]).to_list()
+    per_temperature: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        t = per_temperature.setdefault(str(r["temperature"]), {"samples": 0, "truncated": 0, "tokens": 0})
+        t["samples"] += 1
+        t["truncated"] += r["finish_reason"] == "length"
+        t["tokens"] += r["completion_tokens"]
+    return {
+        "prompts": n_prompts,
+        "prompts_skipped_too_long": skipped,
+        "samples": len(rows),
+        "samples_reused_from_disk": reused,
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "share_truncated": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
+        "generated_tokens_this_run": new_tokens,
+        "generation_seconds_this_run": round(seconds, 3),
+        "tokens_per_second_this_run": round(new_tokens / seconds, 1) if seconds > 0 else 0.0,
+        "per_temperature": per_temperature,
+    }
+
+
+def print_summary(s: dict[str, Any], out: Path) -> None:
+    print(f"\nprompts {s['prompts']} (skipped as too long: {s['prompts_skipped_too_long']}), "
+          f"samples {s['samples']} (reused from disk: {s['samples_reused_from_disk']})")
+    print(f"completion tokens {s['completion_tokens']}, truncated {s['share_truncated']:.1%}, "
+          f"this run {s['generated_tokens_this_run']} tokens at {s['tokens_per_second_this_run']} tokens/s")
+    print(f"{'temperature':>12} {'samples':>8} {'truncated':>10} {'mean tokens':>12}")
+    for t, v in s["per_temperature"].items():
+        print(f"{t:>12} {v['samples']:>8} {v['truncated'] / v['samples']:>10.1%} {v['tokens'] / v['samples']:>12.1f}")
+    print(f"traces: {out / 'dataset'}")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,184 @@
+"""Prompt sets: a shipped folder (set.yaml + splits), a JSONL/CSV/Parquet file, a local HF
+dataset dir, or a hub dataset id, read into `Prompt` records with their columns mapped.
+
+Every problem with the input is reported with the file and the row or column it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Column names tried, in order, when the config and set.yaml map none.
+DEFAULT_COLUMNS = {
+    "id": ("id", "prompt_id", "problem_id", "unique_id"),
+    "prompt": ("prompt", "question", "problem", "input"),
+    "answer": ("answer", "reference_answer", "final_answer", "solution"),
+    "system": ("system", "system_prompt"),
+}
+SET_FILE = "set.yaml"
+
+
+class PromptSetError(ValueError):
+    """A prompt set that cannot be used; the message names the file and row or column."""
+
+
+@dataclass
+class Prompt:
+    id: str
+    text: str  # the user message, template applied
+    answer: str | None  # the reference answer, when the set has one
+    system: str | None = None
+
+
+@dataclass
+class PromptSource:
+    """Config keys that say where prompts come from; shared by the generate and eval stages."""
+
+    prompt_set: str = "prompts/arithmetic"  # folder with set.yaml, a file, a saved dataset dir or a hub id
+    split: str = "train"
+    id_column: str | None = None  # unset: taken from set.yaml, else the first default name present
+    prompt_column: str | None = None
+    answer_column: str | None = None
+    system_column: str | None = None
+    template: str | None = None  # wraps the prompt; must contain "{prompt}"
+    system_prompt: str | None = None  # used for rows without a system column value
+    max_prompts: int | None = None  # first N prompts only (quick runs)
+
+    def __post_init__(self) -> None:
+        if self.template is not None and "{prompt}" not in self.template:
+            raise ValueError(f"template must contain {{prompt}} where the prompt goes; got {self.template!r}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be at least 1 or null, got {self.max_prompts}")
+
+
+@dataclass
+class PromptSet:
+    source: str  # the file or dataset the rows came from, for messages
+    prompts: list[Prompt]
+    scorer: str | None  # from set.yaml; the curation and eval stages pick a scorer from it
+
+
+def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
+    """Read, map and check the prompts `src` points at."""
+    columns = {"id": src.id_column, "prompt": src.prompt_column,
+               "answer": src.answer_column, "system": src.system_column}
+    template, scorer = src.template, None
+    path = Path(src.prompt_set)
+    if (path / SET_FILE).is_file():  # a shipped set: its set.yaml fills whatever the config leaves unset
+        spec = yaml.safe_load((path / SET_FILE).read_text()) or {}
+        for field, column in (spec.get("columns") or {}).items():
+            if field not in columns:
+                raise PromptSetError(f"{path / SET_FILE}: unknown column field {field!r}; "
+                                     f"use {', '.join(columns)}")
+            columns[field] = columns[field] or column
+        template = template or spec.get("template")
+        scorer = spec.get("scorer")
+        splits = spec.get("splits") or {}
+        if src.split not in splits:
+            raise PromptSetError(f"{path / SET_FILE}: no split {src.split!r}; it has {', '.join(splits) or 'none'}")
+        path = path / splits[src.split]
+    source, rows = _read_rows(path, src.split)
+    if not rows:
+        raise PromptSetError(f"{source}: the prompt set is empty; it needs at least one row")
+    names = _resolve_columns(source, rows[0].keys(), columns, require_answers)
+
+    prompts, seen = [], {}
+    for i, row in enumerate(rows, start=1):
+        text = row.get(names["prompt"])
+        if not isinstance(text, str) or not text.strip():
+            raise PromptSetError(f"{source}, row {i}: column {names['prompt']!r} is empty or not text")
+        pid = str(row[names["id"]]) if names["id"] else f"{Path(source).stem}-{i - 1:06d}"
+        if pid in seen:
+            raise PromptSetError(f"{source}: duplicate id {pid!r} in rows {seen[pid]} and {i}; ids must be unique")
+        seen[pid] = i
+        answer = row.get(names["answer"]) if names["answer"] else None
+        if require_answers and (answer is None or str(answer).strip() == ""):
+            raise PromptSetError(f"{source}, row {i}: no reference answer in column {names['answer']!r}")
+        system = (row.get(names["system"]) if names["system"] else None) or src.system_prompt
+        prompts.append(Prompt(
+            id=pid,
+            text=template.replace("{prompt}", text) if template else text,
+            answer=None if answer is None else str(answer),
+            system=system,
+        ))
+    return PromptSet(source=source, prompts=prompts[: src.max_prompts], scorer=scorer)
+
+
+def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
+    """Rows of a file, a saved dataset or a hub dataset, with a printable name of the source."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.is_file():
+        raise PromptSetError(f"prompt file {path} does not exist")
+    if suffix in (".jsonl", ".json"):
+        return str(path), _read_jsonl(path)
+    if suffix == ".csv":
+        import pyarrow.csv
+        return str(path), pyarrow.csv.read_csv(path).to_pylist()
+    if suffix == ".parquet":
+        import pyarrow.parquet
+        return str(path), pyarrow.parquet.read_table(path).to_pylist()
+
+    import datasets
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise PromptSetError(f"{path} is neither a prompt set folder (no {SET_FILE}) nor a dataset "
+                                 f"saved with save_to_disk: {err}") from None
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise PromptSetError(f"{path}: no split {split!r}; it has {', '.join(data)}")
+            data = data[split]
+        return str(path), data.to_list()
+    if path.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise PromptSetError(f"prompt set {path} does not exist (expected a folder with {SET_FILE}, a "
+                             ".jsonl/.csv/.parquet file, a saved dataset dir or a hub id like owner/name)")
+    try:
+        data = datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # offline, unknown id, no such split: all reported the same way
+        raise PromptSetError(f"could not load hub dataset {path!s} split {split!r}: {err}") from None
+    return f"{path} ({split})", data.to_list()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptSetError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise PromptSetError(f"{path}, line {lineno}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _resolve_columns(source: str, present: Any, wanted: dict[str, str | None],
+                     require_answers: bool) -> dict[str, str | None]:
+    present = list(present)
+    names: dict[str, str | None] = {}
+    for field, column in wanted.items():
+        if column is not None:
+            if column not in present:
+                raise PromptSetError(f"{source}: no column {column!r} (set as the {field} column); "
+                                     f"columns present: {', '.join(present)}")
+            names[field] = column
+        else:
+            names[field] = next((c for c in DEFAULT_COLUMNS[field] if c in present), None)
+    if names["prompt"] is None:
+        raise PromptSetError(f"{source}: no prompt column; set prompt_column to one of: {', '.join(present)}")
+    if require_answers and names["answer"] is None:
+        raise PromptSetError(f"{source}: no reference answer column; set answer_column to one of: "
+                             f"{', '.join(present)}")
+    return names
+

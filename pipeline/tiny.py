@@ -1,0 +1,91 @@
+"""Tiny local models for tests and the demo: nothing is downloaded.
+
+The tokenizer is byte-level with no merges (any text encodes, nothing to train), plus the
+ChatML special tokens and <think>/</think>. Models are random Qwen2 or Llama with head size
+64, the smallest head vLLM's CPU attention kernel accepts.
+
+    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+HEAD_DIM = 64
+
+
+def build_tokenizer():
+    """A byte-level tokenizer with a ChatML template; EOS is <|im_end|>, PAD <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    # <think> tags are added as normal (not special) tokens so decoding keeps them in the text.
+    backend.add_special_tokens(SPECIAL_TOKENS[:3])
+    backend.add_tokens(SPECIAL_TOKENS[3:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
+                intermediate_size: int | None = None, max_position_embeddings: int = 4096,
+                seed: int = 0) -> Path:
+    """Save a random `arch` model and the tiny tokenizer to `out_dir`; return the path."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % HEAD_DIM:
+        raise ValueError(f"hidden_size must be a multiple of {HEAD_DIM} (head size), got {hidden_size}")
+    tokenizer = build_tokenizer()
+    heads = hidden_size // HEAD_DIM
+    common = dict(
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real checkpoints
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("out_dir")
+    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    print(build_model(args.out_dir, args.arch, args.hidden, args.layers))

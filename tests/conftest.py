@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny local models (nothing is downloaded) and a small vLLM KV cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# vLLM's CPU backend sizes its KV cache from this (GiB); tests need very little.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")

