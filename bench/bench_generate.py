@@ -1,0 +1,102 @@
+"""Benchmark: the generate stage's output tokens/s against plain `vllm.LLM.generate`.
+
+One engine serves both, on the same prompts, sampling parameters and engine settings; the
+two alternate for several repetitions and the median ratio is quoted. The stage's time is its
+whole `generate()` call: rendering, shards, the saved dataset and the exports included.
+
+    python bench/bench_generate.py [--model PATH] [--prompts 32] [--max-tokens 256] [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.generate import GenerateConfig, build_engine, generate, render
+from pipeline.prompts import load_prompts
+from pipeline.tiny import build_model
+
+
+def plain_vllm(llm, cfg: GenerateConfig) -> tuple[int, float]:
+    """What a user writes without this project: chat-rendered prompts, n samples per temperature."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    texts = [render(tokenizer, p) for p in load_prompts(cfg).prompts]
+    tokens, start = 0, time.perf_counter()
+    for t in cfg.temperatures:
+        params = SamplingParams(n=cfg.num_samples, temperature=t, top_p=cfg.top_p, top_k=cfg.top_k,
+                                max_tokens=cfg.max_tokens, seed=cfg.seed)
+        for out in llm.generate(texts, params, use_tqdm=False):
+            tokens += sum(len(o.token_ids) for o in out.outputs)
+    return tokens, time.perf_counter() - start
+
+
+def stage(llm, cfg: GenerateConfig, out_dir: Path) -> tuple[int, float, float]:
+    """Tokens, seconds, and the seconds spent outside sampling (saving, exports)."""
+    cfg.output_dir = str(out_dir)
+    start = time.perf_counter()
+    ds = generate(cfg, llm)
+    seconds = time.perf_counter() - start
+    sampling = json.loads((out_dir / "summary.json").read_text())["generation_seconds_this_run"]
+    return sum(ds["completion_tokens"]), seconds, seconds - sampling
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--model", help="teacher path or hub id (default: a tiny random Qwen2 built here)")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default="runs/bench/generate.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    model = args.model or str(build_model(work / "teacher"))
+    cfg = GenerateConfig(model=model, prompt_set="prompts/arithmetic", split="train", max_prompts=args.prompts,
+                         temperatures=[0.6, 1.0], num_samples=4, max_tokens=args.max_tokens, shard_size=64,
+                         dtype="float32", max_model_len=1024, enforce_eager=True)
+    llm = build_engine(cfg)
+    plain_vllm(llm, cfg)  # warm-up of both, so neither pays first-call costs
+    stage(llm, cfg, work / "warm-up")
+
+    rows = []
+    for rep in range(args.reps):
+        # Alternate which goes first, so drift on a shared machine does not favour one.
+        if rep % 2:
+            stage_tokens, stage_s, overhead_s = stage(llm, cfg, work / f"run-{rep}")
+            plain_tokens, plain_s = plain_vllm(llm, cfg)
+        else:
+            plain_tokens, plain_s = plain_vllm(llm, cfg)
+            stage_tokens, stage_s, overhead_s = stage(llm, cfg, work / f"run-{rep}")
+        row = {"plain_tok_s": plain_tokens / plain_s, "stage_tok_s": stage_tokens / stage_s,
+               "stage_seconds_outside_sampling": overhead_s}
+        row["ratio"] = row["stage_tok_s"] / row["plain_tok_s"]
+        rows.append(row)
+        print(f"rep {rep}: plain {row['plain_tok_s']:.0f} tok/s, stage {row['stage_tok_s']:.0f} tok/s "
+              f"({overhead_s:.2f} s of {stage_s:.2f} s outside sampling), ratio {row['ratio']:.3f}")
+
+    result = {
+        "benchmark": "generate stage tokens/s / plain vllm.LLM.generate tokens/s",
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
+        "setup": {"prompts": args.prompts, "temperatures": cfg.temperatures, "num_samples": cfg.num_samples,
+                  "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "model": model},
+        "reps": rows,
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_plain_tok_s": statistics.median(r["plain_tok_s"] for r in rows),
+        "median_stage_tok_s": statistics.median(r["stage_tok_s"] for r in rows),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmedian ratio (stage / plain): {result['median_ratio']:.3f}  "
+          f"[plain {result['median_plain_tok_s']:.0f} tok/s, stage {result['median_stage_tok_s']:.0f} tok/s]")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":  # vLLM starts its workers with spawn
+    main()

@@ -1,0 +1,464 @@
+"""Token-level distillation losses, computed from hidden states chunk by chunk.
+
+Pure functions over tensors (design.md sections 5 and 6). With softened distributions
+p_T = softmax(z_T / T) and p_S = softmax(z_S / T) per position:
+
+- ``forward_kl`` = KL(p_T || p_S) (Hinton; mean-seeking)
+- ``reverse_kl`` = KL(p_S || p_T) (MiniLLM; mode-seeking)
+- ``jsd``        = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), m = beta p_T + (1 - beta) p_S,
+  TRL's ``generalized_jsd_loss`` convention, endpoints included (see ``divergence``).
+
+``chunked_kd_loss`` takes the final hidden states and lm_head weights rather than logits:
+a loss that receives full logits can never use less memory than those logits (4,096 tokens x
+151,936 vocab is 2.5 GB per fp32 tensor). It computes the logits of ``chunk_size`` target
+tokens at a time in fp32, and its backward recomputes them chunk by chunk, so peak memory
+is a few [chunk, V] tensors plus the weight gradient, whatever the number of tokens.
+``naive_kd_loss`` is the same loss with the full logits materialised: the reference for
+tests and for ``bench/bench_kd_memory.py``.
+
+Offline teachers (top-k log-probabilities stored with the traces) use a "rest" bucket; see
+``teacher_topk_buckets`` for the tail convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Kind = Literal["forward_kl", "reverse_kl", "jsd"]
+KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+
+# Log-mass of an empty bucket. Finite on purpose: -inf turns into NaN gradients through
+# subtractions and logsumexp backward; exp(-1e4 / T) is still exactly 0 in fp32 for T < ~96.
+LOG_ZERO = -1e4
+# Top-k log-probs stored in fp32 carry ~1e-7 rounding each, so a computed tail below fp32
+# resolution is noise, not information; flooring it also keeps reverse KL finite.
+TAIL_FLOOR = float(torch.finfo(torch.float32).eps)
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per position, summed over the last axis; inputs are finite log-probs."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def divergence(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Kind = "forward_kl", beta: float = 0.5
+) -> Tensor:
+    """Divergence between two (already temperature-softened) distributions, per position.
+
+    Inputs are log-probabilities over the last axis (the vocabulary, or top-k buckets); the
+    result has the leading shape, summed over that axis. ``kind``:
+
+    - ``"forward_kl"``: KL(p_T || p_S) = sum p_T (log p_T - log p_S)
+      = ``F.kl_div(log p_S, log p_T, log_target=True)``.
+    - ``"reverse_kl"``: KL(p_S || p_T).
+    - ``"jsd"``: generalized JSD with mixture m = beta p_T + (1 - beta) p_S,
+      beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), log m by logaddexp (stable).
+      Convention exactly as TRL's ``GKDTrainer.generalized_jsd_loss`` (trl 1.16): beta == 0
+      is special-cased to forward KL and beta == 1 to reverse KL. Note that this makes the
+      endpoints discontinuous: for 0 < beta < 1 the mixture formula tends to 0 at both ends
+      (JSD(beta) ~ beta * KL(p_T || p_S) as beta -> 0, ~ (1 - beta) * KL(p_S || p_T) as
+      beta -> 1), so small beta is a scaled-down forward KL, not forward KL itself.
+      At beta = 0.5 it is the symmetric Jensen-Shannon divergence, bounded by log 2.
+
+    Inputs must be finite (use a large negative value such as ``LOG_ZERO`` for empty
+    entries): 0 * inf terms would make NaN values and gradients.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return _kl(teacher_logprobs, student_logprobs)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return _kl(student_logprobs, teacher_logprobs)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1] for kind='jsd'")
+    log_m = torch.logaddexp(teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
+    return beta * _kl(teacher_logprobs, log_m) + (1.0 - beta) * _kl(student_logprobs, log_m)
+
+
+def combine(ce_loss: Tensor, kd_loss: Tensor, alpha: float) -> Tensor:
+    """(1 - alpha) * CE + alpha * KD, the training objective of design.md section 6."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    return (1.0 - alpha) * ce_loss + alpha * kd_loss
+
+
+# ------------------------------------------------------------------- offline top-k teacher
+
+
+def teacher_topk_buckets(topk_logprobs: Tensor, vocab_size: int) -> Tensor:
+    """The teacher's top-k log-probs (at T = 1) plus one "rest" bucket: [..., k] -> [..., k + 1].
+
+    rest = 1 - sum(exp(top-k)), computed in float64 and floored at ``TAIL_FLOOR`` (a tail
+    below fp32 resolution is rounding noise). When k covers the whole vocabulary the tail is
+    empty by definition and gets ``LOG_ZERO``, so k = V reproduces the full distribution.
+    The result is at T = 1; ``soften`` applies the temperature.
+
+    Temperature convention: with only k log-probs known, the softened tail
+    sum_{j not in top-k} p_j^(1/T) / Z cannot be recovered (it depends on how the tail mass
+    is spread). We coarsen first and soften second, identically for teacher and student:
+    both distributions are reduced at T = 1 to the k ids + one rest bucket, and the
+    temperature is applied to those k + 1 log-probs (the tail acts as one pseudo-token on
+    both sides). At T = 1 this is exactly the divergence between the coarsened
+    distributions, a lower bound on the full-vocabulary one (data-processing inequality);
+    at k = V it equals the full-vocabulary loss at every T; for T > 1 and k < V it
+    under-weights the tail compared with softening token by token.
+    """
+    lp = topk_logprobs
+    if lp.shape[-1] >= vocab_size:
+        rest = torch.full_like(lp[..., :1], LOG_ZERO)
+    else:
+        top_mass = torch.logsumexp(lp.double(), dim=-1, keepdim=True)
+        rest = (-torch.expm1(top_mass)).clamp_min(TAIL_FLOOR).log().to(lp.dtype)
+    return torch.cat([lp, rest], dim=-1)
+
+
+def student_topk_buckets(student_logprobs: Tensor, topk_ids: Tensor) -> Tensor:
+    """The student's log-probs (at T = 1) at the teacher's top-k ids plus its rest bucket.
+
+    The rest is a logsumexp over the other ids rather than 1 - sum(top-k): when the student
+    is confident, 1 - sum cancels catastrophically in fp32. The top-k ids are filled with
+    ``LOG_ZERO`` (not -inf) so the logsumexp gradient stays finite when k = V.
+    """
+    top = student_logprobs.gather(-1, topk_ids)
+    others = student_logprobs.scatter(-1, topk_ids, LOG_ZERO)
+    rest = torch.logsumexp(others, dim=-1, keepdim=True)
+    return torch.cat([top, rest], dim=-1)
+
+
+def soften(logprobs: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logprobs / T): re-softens (and renormalises) a distribution given in log space."""
+    return F.log_softmax(logprobs if temperature == 1.0 else logprobs / temperature, dim=-1)
+
+
+# ---------------------------------------------------------------------- shared per-chunk core
+
+
+@dataclass(frozen=True)
+class _Opts:
+    temperature: float
+    kind: Kind
+    beta: float
+    vocab: int
+    chunk_size: int
+    dtype: torch.dtype
+
+
+def _token_sums(
+    z: Tensor,
+    labels: Tensor,
+    opts: _Opts,
+    teacher_logits: Tensor | None = None,
+    topk_ids: Tensor | None = None,
+    topk_logprobs: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Summed divergence (without T^2) and summed CE of student logits ``z`` [n, V] over its rows."""
+    t = opts.temperature
+    if teacher_logits is not None:
+        s_lp = soften(z, t)
+        with torch.no_grad():
+            t_lp = soften(teacher_logits, t)
+        kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum()
+        s_lp1 = s_lp if t == 1.0 else None
+    else:
+        s_lp1 = F.log_softmax(z, dim=-1)
+        s_b = soften(student_topk_buckets(s_lp1, topk_ids), t)
+        t_b = soften(teacher_topk_buckets(topk_logprobs.to(z.dtype), opts.vocab), t)
+        kd = divergence(s_b, t_b, opts.kind, opts.beta).sum()
+    # CE is always at T = 1; reuse the T = 1 log-softmax when one exists (one [n, V] less).
+    if s_lp1 is None:
+        ce = F.cross_entropy(z, labels, reduction="sum")
+    else:
+        ce = -s_lp1.gather(-1, labels[:, None]).sum()
+    return kd, ce
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """(kd_sum, ce_sum) over kept tokens; logits exist one chunk at a time in both passes.
+
+    The forward keeps only its inputs. The backward recomputes each chunk's logits, takes
+    their gradient with autograd (a small graph over [chunk, V]), and folds it into the
+    hidden-state and weight gradients with two matmuls, accumulating the weight gradient in
+    place in one fp32 buffer. Recomputing costs one extra matmul per chunk; in exchange
+    nothing of size [tokens, V] is ever alive (Liger's fused linear losses, torchtune's
+    chunked output use the same idea).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        h: Tensor,
+        w: Tensor,
+        labels: Tensor,
+        t_h: Tensor | None,
+        t_w: Tensor | None,
+        topk_ids: Tensor | None,
+        topk_lp: Tensor | None,
+        opts: _Opts,
+    ) -> Tensor:
+        sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
+        w32 = w[: opts.vocab].to(opts.dtype)
+        t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
+        for s in range(0, h.shape[0], opts.chunk_size):
+            e = s + opts.chunk_size
+            z = F.linear(h[s:e].to(opts.dtype), w32)
+            t_z = None if t_h is None else F.linear(t_h[s:e].to(opts.dtype), t_w32)
+            kd, ce = _token_sums(z, labels[s:e], opts, t_z,
+                                 None if topk_ids is None else topk_ids[s:e],
+                                 None if topk_lp is None else topk_lp[s:e])
+            sums[0] += kd
+            sums[1] += ce
+        ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp)
+        ctx.opts = opts
+        return sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums: Tensor):  # type: ignore[override]
+        h, w, labels, t_h, t_w, topk_ids, topk_lp = ctx.saved_tensors
+        opts: _Opts = ctx.opts
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        # One fp32 buffer for the weight: per-chunk contributions are added in place, and
+        # padded rows beyond the shared vocabulary keep a zero gradient.
+        grad_w = torch.zeros(w.shape, dtype=opts.dtype, device=w.device) if need_w else None
+        w32 = w[: opts.vocab].to(opts.dtype)
+        t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
+        for s in range(0, h.shape[0], opts.chunk_size):
+            e = s + opts.chunk_size
+            h_c = h[s:e].to(opts.dtype)
+            z = F.linear(h_c, w32).requires_grad_()
+            t_z = None if t_h is None else F.linear(t_h[s:e].to(opts.dtype), t_w32)
+            with torch.enable_grad():
+                kd, ce = _token_sums(z, labels[s:e], opts, t_z,
+                                     None if topk_ids is None else topk_ids[s:e],
+                                     None if topk_lp is None else topk_lp[s:e])
+                (g_z,) = torch.autograd.grad(kd * grad_sums[0] + ce * grad_sums[1], z)
+            del kd, ce, z, t_z
+            if need_h:
+                grad_h[s:e] = g_z @ w32
+            if need_w:
+                grad_w[: opts.vocab].addmm_(g_z.t(), h_c)
+        if need_w and grad_w.dtype != w.dtype:
+            grad_w = grad_w.to(w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+@dataclass
+class _Batch:
+    h: Tensor  # [N, H] every position
+    labels: Tensor  # [N]
+    keep: Tensor  # [N] bool
+    t_h: Tensor | None  # [N, H_T]
+    vocab: int
+    dtype: torch.dtype
+
+
+def _prepare(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_lm_head_weight: Tensor | None,
+    teacher_topk_ids: Tensor | None,
+    teacher_topk_logprobs: Tensor | None,
+    temperature: float,
+    kind: str,
+    beta: float,
+    chunk_size: int,
+    vocab_size: int | None,
+    ignore_index: int,
+) -> _Batch:
+    """Validates arguments (errors name the argument and the fix) and flattens positions."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    online = teacher_hidden is not None or teacher_lm_head_weight is not None
+    offline = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if online == offline:
+        raise ValueError("give exactly one teacher: teacher_hidden + teacher_lm_head_weight (online) "
+                         "or teacher_topk_ids + teacher_topk_logprobs (offline)")
+    if online and (teacher_hidden is None or teacher_lm_head_weight is None):
+        raise ValueError("an online teacher needs both teacher_hidden and teacher_lm_head_weight")
+    if offline and (teacher_topk_ids is None or teacher_topk_logprobs is None):
+        raise ValueError("an offline teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+    if student_hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match labels "
+                         f"{tuple(labels.shape)}: hidden states must be [*labels.shape, hidden]")
+
+    s_rows = student_lm_head_weight.shape[0]
+    t_rows = None if teacher_lm_head_weight is None else teacher_lm_head_weight.shape[0]
+    if vocab_size is None:
+        if t_rows is not None and t_rows != s_rows:
+            raise ValueError(f"student emits {s_rows} logits but teacher {t_rows}: pass vocab_size "
+                             "= the shared tokenizer's length to align them")
+        vocab = s_rows
+    else:
+        vocab = vocab_size
+        too_small = [f"{who} lm_head has {rows} rows" for who, rows in
+                     (("student", s_rows), ("teacher", t_rows)) if rows is not None and rows < vocab]
+        if too_small:
+            raise ValueError(f"vocab_size={vocab} but the {' and the '.join(too_small)} "
+                             f"(student {s_rows}, teacher {t_rows}): the tokenizers differ or "
+                             "vocab_size is wrong")
+
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    n_kept = int(keep.sum())
+    if n_kept and int(flat_labels[keep].max()) >= vocab:
+        raise ValueError(f"a label id is >= vocab_size {vocab}")
+    if n_kept and int(flat_labels[keep].min()) < 0:
+        raise ValueError(f"negative label ids other than ignore_index={ignore_index}")
+    t_h = None
+    if online:
+        if teacher_hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match labels "
+                             f"{tuple(labels.shape)}")
+        t_h = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    else:
+        ids, lp = teacher_topk_ids, teacher_topk_logprobs
+        if ids.dim() != 2 or ids.shape != lp.shape or ids.shape[0] != n_kept:
+            raise ValueError(f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs "
+                             f"{tuple(lp.shape)} must both be [kept tokens = {n_kept}, k]")
+        if ids.shape[1] > vocab or (ids.numel() and int(ids.max()) >= vocab):
+            raise ValueError(f"teacher_topk_ids has k={ids.shape[1]} or ids >= vocab_size {vocab}")
+    # Full precision for the softmax: fp32, or fp64 when the weights already are.
+    dtype = torch.promote_types(student_lm_head_weight.dtype, torch.float32)
+    return _Batch(h, flat_labels, keep, t_h, vocab, dtype)
+
+
+def _normalise(kd_sum: Tensor, ce_sum: Tensor, n_kept: int, num_items_in_batch: int | Tensor | None,
+               temperature: float) -> dict[str, Tensor]:
+    # The whole accumulated batch's token count, so gradient accumulation changes nothing.
+    denom = n_kept if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denom, Tensor):
+        denom = denom.to(device=kd_sum.device, dtype=kd_sum.dtype).clamp_min(1)
+    else:
+        denom = max(float(denom), 1.0)
+    return {
+        # T^2 keeps the soft-target gradients on CE's scale (Hinton et al. 2015).
+        "kd_loss": temperature**2 * kd_sum / denom,
+        "ce_loss": ce_sum / denom,
+        "num_tokens": torch.tensor(n_kept, device=kd_sum.device),
+    }
+
+
+def chunked_kd_loss(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    temperature: float = 1.0,
+    kind: Kind = "forward_kl",
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | Tensor | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """Token-level KD + CE from final hidden states, never materialising [tokens, V] logits.
+
+    Args:
+        student_hidden: [B, L, H] or [N, H] final hidden states (after the final norm).
+        student_lm_head_weight: [V_S, H]; gradients flow to it and to ``student_hidden``.
+        labels: [B, L] or [N], already aligned: ``labels[t]`` is the target of position t
+            (callers shift); ``ignore_index`` marks positions without loss.
+        teacher_hidden, teacher_lm_head_weight: online teacher, [..., H_T] and [V_T, H_T];
+            never differentiated.
+        teacher_topk_ids, teacher_topk_logprobs: offline teacher, [kept tokens, k] each, the
+            teacher's top-k ids and log-probs at T = 1, rows in the order of the kept
+            positions (row-major over labels). Tail handling: ``teacher_topk_buckets``.
+        temperature: softens both sides of the KD term; CE stays at T = 1.
+        kind, beta: see ``divergence`` (beta only for ``"jsd"``).
+        chunk_size: kept tokens per chunk; peak memory grows with chunk_size * V.
+        num_items_in_batch: target tokens in the whole accumulated batch; defaults to the
+            kept tokens of this call (clamped to >= 1).
+        vocab_size: shared tokenizer length; both heads are cut to their first vocab_size
+            rows (Qwen2.5: 152,064 vs 151,936 padded rows). Required when they differ.
+
+    Returns:
+        ``kd_loss`` = T^2 * sum of divergences / denominator (the divergence itself, zero when
+        student equals teacher, not a soft-target cross-entropy), ``ce_loss`` = summed CE /
+        denominator, and ``num_tokens`` (kept tokens in this call). ``combine`` mixes them.
+    """
+    b = _prepare(student_hidden, student_lm_head_weight, labels, teacher_hidden,
+                 teacher_lm_head_weight, teacher_topk_ids, teacher_topk_logprobs, temperature,
+                 kind, beta, chunk_size, vocab_size, ignore_index)
+    # Drop masked positions before any logits exist: prompt tokens cost nothing.
+    idx = b.keep.nonzero().squeeze(1)
+    opts = _Opts(float(temperature), kind, float(beta), b.vocab, int(chunk_size), b.dtype)
+    sums = _ChunkedKD.apply(
+        b.h.index_select(0, idx), student_lm_head_weight, b.labels.index_select(0, idx),
+        None if b.t_h is None else b.t_h.index_select(0, idx),
+        None if teacher_lm_head_weight is None else teacher_lm_head_weight.detach(),
+        teacher_topk_ids, None if teacher_topk_logprobs is None else teacher_topk_logprobs.detach(),
+        opts,
+    )
+    return _normalise(sums[0], sums[1], idx.numel(), num_items_in_batch, temperature)
+
+
+def naive_kd_loss(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    temperature: float = 1.0,
+    kind: Kind = "forward_kl",
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | Tensor | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """``chunked_kd_loss`` with full fp32 logits for every position, masked afterwards.
+
+    The reference implementation (TRL style): what a careful user writes with the model's
+    logits, freeing what it can. ``chunk_size`` is accepted and ignored.
+    """
+    b = _prepare(student_hidden, student_lm_head_weight, labels, teacher_hidden,
+                 teacher_lm_head_weight, teacher_topk_ids, teacher_topk_logprobs, temperature,
+                 kind, beta, chunk_size, vocab_size, ignore_index)
+    t = float(temperature)
+    w = student_lm_head_weight[: b.vocab].to(b.dtype)
+    if b.t_h is not None:
+        with torch.no_grad():
+            t_lp = soften(F.linear(b.t_h.to(b.dtype), teacher_lm_head_weight[: b.vocab].to(b.dtype)), t)
+        z = F.linear(b.h.to(b.dtype), w)
+        s_lp = soften(z, t)
+        ce_lp = s_lp if t == 1.0 else F.log_softmax(z, dim=-1)
+        del z
+        kd_sum = divergence(s_lp, t_lp, kind, beta)[b.keep].sum()
+    else:
+        ce_lp = F.log_softmax(F.linear(b.h.to(b.dtype), w), dim=-1)
+        s_b = soften(student_topk_buckets(ce_lp[b.keep], teacher_topk_ids), t)
+        t_b = soften(teacher_topk_buckets(teacher_topk_logprobs.to(b.dtype), b.vocab), t)
+        kd_sum = divergence(s_b, t_b, kind, beta).sum()
+    safe_labels = b.labels.masked_fill(~b.keep, 0)
+    ce_sum = -(ce_lp.gather(-1, safe_labels[:, None]).squeeze(1) * b.keep).sum()
+    return _normalise(kd_sum, ce_sum, int(b.keep.sum()), num_items_in_batch, t)
