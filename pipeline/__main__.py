@@ -8,7 +8,8 @@ import sys
 from pipeline.config import ConfigError, load_config, parse_cli
 
 # stage name -> (module, config class); modules are imported only when their stage runs.
-STAGES = {"generate": ("pipeline.generate", "GenerateConfig")}
+STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
+          "curate": ("pipeline.curate", "CurateStageConfig")}
 
 
 def run(argv: list[str]) -> None:

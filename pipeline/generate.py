@@ -6,14 +6,17 @@ as they finish; a killed run started again with the same command skips what is o
 
     output_dir/config.yaml         the resolved config (a different one is refused)
     output_dir/shards/*.parquet    finished work, for resume
-    output_dir/dataset/            the traces (datasets.save_to_disk), TRL prompt-completion
-    output_dir/traces.{jsonl,parquet}, messages.jsonl   exports
+    output_dir/samples/            every sample, scored (datasets.save_to_disk), TRL prompt-completion
+    output_dir/curated/            the samples the curation filters kept: the training set
+    output_dir/{samples,curated}.{jsonl,parquet,messages.jsonl}   exports
+    output_dir/curation.json       what each filter removed, overall and per temperature
     output_dir/skipped.jsonl       prompts too long for the model's context
     output_dir/summary.json        counts, tokens, tokens/s, share truncated
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,13 +29,14 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.curate import CurateConfig, curate_traces
 from pipeline.prompts import Prompt, PromptSource, load_prompts
 
 CONFIG_FILE = "config.yaml"
 
 
 @dataclass
-class GenerateConfig(PromptSource):
+class GenerateConfig(CurateConfig, PromptSource):
     output_dir: str = "runs/demo/traces"
     overwrite: bool = False  # replace an output_dir made with a different config
     # Teacher engine (vLLM).
@@ -52,15 +56,22 @@ class GenerateConfig(PromptSource):
     top_k: int = 0  # 0: off
     max_tokens: int = 4096
     seed: int = 0  # base of the per-sample seeds
+    # Teacher top-k logprobs per completion token, for offline KD (0: off).
+    logprobs: int = 0
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"  # processed: after temperature/top-p
     # Output.
     think_start: str = "<think>"
     think_end: str = "</think>"
     shard_size: int = 256  # finished samples per shard file (the unit of resume)
     export: list[Literal["jsonl", "parquet", "messages"]] = field(
         default_factory=lambda: ["jsonl", "parquet", "messages"])
+    curate: bool = True  # score, filter and decontaminate into curated/ (keys in CurateConfig)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        CurateConfig.__post_init__(self)
+        PromptSource.__post_init__(self)
+        if self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (0: off), got {self.logprobs}")
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
         if len(set(self.temperatures)) != len(self.temperatures):
@@ -88,7 +99,8 @@ def build_engine(cfg: GenerateConfig) -> Any:
     return LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                gpu_memory_utilization=memory, enable_prefix_caching=cfg.enable_prefix_caching,
-               enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=cfg.seed)
+               enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
+               logprobs_mode=cfg.logprobs_mode, max_logprobs=max(20, cfg.logprobs))
 
 
 def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
@@ -101,7 +113,8 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     out = Path(cfg.output_dir)
-    prompts = load_prompts(cfg).prompts
+    prompt_set = load_prompts(cfg)
+    prompts = prompt_set.prompts
     prepare_output_dir(cfg, out)
     llm = llm or build_engine(cfg)
 
@@ -131,7 +144,8 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     unit_of = {}
     for n, (p, t, i) in enumerate(todo):
         params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
-                                seed=sample_seed(cfg.seed, p.id, t, i), output_kind=RequestOutputKind.FINAL_ONLY)
+                                seed=sample_seed(cfg.seed, p.id, t, i), logprobs=cfg.logprobs or None,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         unit_of[f"r1distill-{n}"] = (p, t, i)
         engine.add_request(f"r1distill-{n}", TokensPrompt(prompt_token_ids=prompt_ids[p.id]), params)
     new_tokens, started = 0, time.perf_counter()
@@ -151,12 +165,14 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     elapsed = time.perf_counter() - started
 
     dataset = assemble(shards, units)
-    save_dataset(dataset, out, cfg.export)
     summary = summarize(dataset, n_prompts=len(prompts), skipped=len(skipped),
                         new_tokens=new_tokens, seconds=elapsed, reused=len(units) - len(todo))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, out)
-    return dataset
+    print_summary(summary)
+    if not cfg.curate:
+        save_dataset(dataset, out / "samples", cfg.export)
+        return dataset
+    return curate_traces(dataset, cfg, cfg.scorer or prompt_set.scorer or "math", out, cfg.export)
 
 
 def render(tokenizer: Any, prompt: Prompt) -> str:
@@ -191,8 +207,9 @@ def to_record(cfg: GenerateConfig, unit: tuple[Prompt, float, int], output: Any)
     reasoning, answer, closed = split_think(sample.text, cfg.think_start, cfg.think_end)
     # Keep the text exactly as sampled; add the start tag only where the template had opened it.
     content = sample.text if not closed or cfg.think_start in sample.text else cfg.think_start + sample.text
-    return {
+    record = {
         "prompt_id": prompt.id,
+        "problem": prompt.problem,
         "prompt": chat_prompt(prompt),
         "completion": [{"role": "assistant", "content": content}],
         "reasoning": reasoning,
@@ -209,18 +226,39 @@ def to_record(cfg: GenerateConfig, unit: tuple[Prompt, float, int], output: Any)
         "prompt_tokens": len(output.prompt_token_ids),
         "completion_tokens": len(sample.token_ids),
     }
+    if cfg.logprobs:
+        record.update(topk_logprobs_columns(sample, cfg.logprobs, cfg.logprobs_mode))
+    return record
+
+
+def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
+    """Per completion token: the teacher's top-k ids (int32) and logprobs (float16), by rank,
+    plus the sampled token's own logprob (it may rank below k)."""
+    import numpy as np
+
+    ids = np.zeros((len(sample.token_ids), k), dtype=np.int32)
+    logprobs = np.full((len(sample.token_ids), k), -np.inf, dtype=np.float32)
+    for t, (token, position) in enumerate(zip(sample.token_ids, sample.logprobs)):
+        for token_id, lp in position.items():
+            if lp.rank is not None and 1 <= lp.rank <= k:
+                ids[t, lp.rank - 1], logprobs[t, lp.rank - 1] = token_id, lp.logprob
+    sampled = [position[token].logprob for token, position in zip(sample.token_ids, sample.logprobs)]
+    return {"topk_ids": ids, "topk_logprobs": logprobs.astype(np.float16),
+            "token_logprobs": np.asarray(sampled, dtype=np.float32), "logprobs_mode": mode}
 
 
 def prepare_output_dir(cfg: GenerateConfig, out: Path) -> None:
     """Resume into a dir made by the same config; refuse a different one unless --overwrite."""
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k != "overwrite"}
+    # Only keys that change the samples count: curation and exports can differ on a resume.
+    ignored = {"overwrite", "curate", "export", *(f.name for f in dataclasses.fields(CurateConfig))}
+    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignored}
     saved_path = out / CONFIG_FILE
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         if not saved_path.is_file():
             raise ConfigError(f"{out} is not empty and was not made by this stage; "
                               "pick another output_dir or pass --overwrite to replace it")
         import yaml
-        saved = {k: v for k, v in (yaml.safe_load(saved_path.read_text()) or {}).items() if k != "overwrite"}
+        saved = {k: v for k, v in (yaml.safe_load(saved_path.read_text()) or {}).items() if k not in ignored}
         changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
         if changed:
             diff = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
@@ -248,8 +286,25 @@ def _write_shard(shards: Path, records: list[dict[str, Any]]) -> None:
     number = 1 + max((int(p.stem.split("-")[1]) for p in shards.glob("shard-*.parquet")), default=-1)
     final = shards / f"shard-{number:05d}.parquet"
     tmp = final.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist(records), tmp)
+    pq.write_table(_to_arrow(records), tmp)
     os.replace(tmp, final)
+
+
+def _to_arrow(records: list[dict[str, Any]]) -> Any:
+    """Records to a table; [tokens, k] numpy arrays become list<fixed_size_list<k>> of their dtype."""
+    import numpy as np
+    import pyarrow as pa
+
+    arrays = [k for k, v in records[0].items() if isinstance(v, np.ndarray)]
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in arrays} for r in records])
+    for name in arrays:
+        values = [r[name] for r in records]
+        flat = pa.array(np.concatenate([v.reshape(-1) for v in values]))
+        if values[0].ndim == 2:
+            flat = pa.FixedSizeListArray.from_arrays(flat, values[0].shape[1])
+        offsets = pa.array(np.cumsum([0] + [len(v) for v in values]), type=pa.int32())
+        table = table.append_column(name, pa.ListArray.from_arrays(offsets, flat))
+    return table
 
 
 def _read_shards(shards: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
@@ -277,29 +332,30 @@ def assemble(shards: Path, units: list[tuple[Prompt, float, int]]) -> Any:
     return datasets.Dataset(table.take([row_of[_key(u)] for u in units]))
 
 
-def save_dataset(dataset: Any, out: Path, export: list[str]) -> None:
-    """save_to_disk is not atomic: write beside and swap in, so a reader never sees half a dataset.
-    Exports go through pyarrow and json directly: datasets' writers cost more than sampling
-    a small run."""
+def save_dataset(dataset: Any, path: Path, export: list[str] = ()) -> None:
+    """Save `dataset` to the dir `path`, plus exports beside it (path.jsonl, path.parquet,
+    path.messages.jsonl). save_to_disk is not atomic: write beside and swap in, so a reader
+    never sees half a dataset. Exports go through pyarrow and json: datasets' writers cost
+    more than sampling a small run."""
     import pyarrow.parquet as pq
 
-    final, tmp, old = out / "dataset", out / "dataset.tmp", out / "dataset.old"
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
     rows = dataset.data.table.to_pylist() if {"jsonl", "messages"} & set(export) else []
     if "jsonl" in export:
-        _write_jsonl(out / "traces.jsonl", rows)
+        _write_jsonl(path.with_name(path.name + ".jsonl"), rows)
     if "parquet" in export:
-        pq.write_table(dataset.data.table, out / "traces.parquet.tmp")
-        os.replace(out / "traces.parquet.tmp", out / "traces.parquet")
+        pq.write_table(dataset.data.table, path.with_name(path.name + ".parquet.tmp"))
+        os.replace(path.with_name(path.name + ".parquet.tmp"), path.with_name(path.name + ".parquet"))
     if "messages" in export:  # open-r1 style: one `messages` list per sample
-        _write_jsonl(out / "messages.jsonl", [
+        _write_jsonl(path.with_name(path.name + ".messages.jsonl"), [
             {"messages": r["prompt"] + r["completion"], **{k: v for k, v in r.items() if k not in ("prompt", "completion")}}
             for r in rows])
 
@@ -327,7 +383,7 @@ def summarize(dataset: Any, n_prompts: int, skipped: int, new_tokens: int, secon
     }
 
 
-def print_summary(s: dict[str, Any], out: Path) -> None:
+def print_summary(s: dict[str, Any]) -> None:
     print(f"\nprompts {s['prompts']} (skipped as too long: {s['prompts_skipped_too_long']}), "
           f"samples {s['samples']} (reused from disk: {s['samples_reused_from_disk']})")
     print(f"completion tokens {s['completion_tokens']}, truncated {s['share_truncated']:.1%}, "
@@ -335,7 +391,6 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
     print(f"{'temperature':>12} {'samples':>8} {'truncated':>10} {'mean tokens':>12}")
     for t, v in s["per_temperature"].items():
         print(f"{t:>12} {v['samples']:>8} {v['truncated'] / v['samples']:>10.1%} {v['tokens'] / v['samples']:>12.1f}")
-    print(f"traces: {out / 'dataset'}")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -47,7 +47,8 @@ TAIL_FLOOR = float(torch.finfo(torch.float32).eps)
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) per position, summed over the last axis; inputs are finite log-probs."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    # einsum contracts without materialising the [..., V] product (and beats mul + sum on CPU).
+    return torch.einsum("...v,...v->...", log_p.exp(), log_p - log_q)
 
 
 def divergence(
@@ -143,6 +144,71 @@ def soften(logprobs: Tensor, temperature: float) -> Tensor:
 # ---------------------------------------------------------------------- shared per-chunk core
 
 
+def _divergence_grad_(student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Kind, beta: float) -> Tensor:
+    """d sum(divergence) / d student_logprobs, the log-probs taken as free coordinates.
+
+    Closed forms, p = exp(log-probs): forward KL -p_T; reverse KL p_S (log p_S - log p_T + 1);
+    JSD (1 - beta) p_S (log p_S - log m) (the +1 terms cancel against the mixture's).
+    Overwrites ``teacher_logprobs`` (their memory is reused; callers are done with them).
+    """
+    s, t = student_logprobs, teacher_logprobs
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return t.exp_().neg_()
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return t.sub_(s).sub_(1.0).neg_().mul_(s.exp())
+    log_m = torch.logaddexp(t.add_(math.log(beta)), s + math.log1p(-beta))
+    return log_m.sub_(s).mul_(s.exp()).mul_(beta - 1.0)
+
+
+def _divergence_sum_(student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Kind, beta: float) -> Tensor:
+    """``divergence(...).sum()`` computed in the inputs' memory (both are overwritten)."""
+    s, t = student_logprobs, teacher_logprobs
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return torch.einsum("...v,...v->", t.exp(), t.sub_(s))
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return torch.einsum("...v,...v->", s.exp(), s.sub_(t))
+    log_b, log_1mb = math.log(beta), math.log1p(-beta)
+    s_mix, t_mix = s.add_(log_1mb), t.add_(log_b)  # log((1 - beta) p_S), log(beta p_T)
+    log_m = torch.logaddexp(t_mix, s_mix)
+    # beta KL(p_T || m) = sum beta p_T (log p_T - log m) = sum exp(t_mix) (t_mix - log_b - log_m)
+    p = t_mix.exp()
+    kd = torch.einsum("...v,...v->", p, t_mix.sub_(log_m).sub_(log_b))
+    torch.exp(s_mix, out=p)
+    return kd + torch.einsum("...v,...v->", p, s_mix.sub_(log_m).sub_(log_1mb))
+
+
+def _log_softmax_backward_(grad: Tensor, logprobs: Tensor) -> Tensor:
+    """Chain ``grad`` (w.r.t. log_softmax's output) to its input, in place in ``grad``."""
+    return grad.sub_(logprobs.exp().mul_(grad.sum(-1, keepdim=True)))
+
+
+def _logsumexp(z: Tensor) -> Tensor:
+    """logsumexp over the last axis with one [n, V] temporary (torch.logsumexp makes two)."""
+    m = z.amax(dim=-1, keepdim=True)
+    return (z - m).exp_().sum(dim=-1, keepdim=True).log_().add_(m)
+
+
+def _student_logprobs(h: Tensor, w: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """log_softmax(z / T) of z = h w^T, built in z's own memory; plus CE at T = 1 summed, and
+    the log-ratio that turns exp(log-probs at T) back into softmax(z) for CE's gradient."""
+    z = F.linear(h, w)
+    z_label = z.gather(-1, labels[:, None])
+    lse1 = _logsumexp(z)
+    if temperature != 1.0:
+        z.div_(temperature)
+    lse_t = lse1 if temperature == 1.0 else _logsumexp(z)
+    ce = (lse1 - z_label).sum()
+    # softmax(z) = exp(T * lp + (T * lse_t - lse1)): keep that shift, z itself is gone.
+    return z.sub_(lse_t), ce, temperature * lse_t - lse1
+
+
+def _teacher_logprobs(h: Tensor, w: Tensor, temperature: float) -> Tensor:
+    z = F.linear(h, w)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z.sub_(_logsumexp(z))
+
+
 @dataclass(frozen=True)
 class _Opts:
     temperature: float
@@ -153,44 +219,61 @@ class _Opts:
     dtype: torch.dtype
 
 
-def _token_sums(
-    z: Tensor,
-    labels: Tensor,
-    opts: _Opts,
-    teacher_logits: Tensor | None = None,
-    topk_ids: Tensor | None = None,
-    topk_logprobs: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Summed divergence (without T^2) and summed CE of student logits ``z`` [n, V] over its rows."""
+def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
+                  t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Summed divergence (without T^2) and summed CE over one chunk of kept tokens."""
     t = opts.temperature
-    if teacher_logits is not None:
-        s_lp = soften(z, t)
-        with torch.no_grad():
-            t_lp = soften(teacher_logits, t)
-        kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum()
-        s_lp1 = s_lp if t == 1.0 else None
+    if t_h is not None:
+        t_lp = _teacher_logprobs(t_h, t_w, t)
+        s_lp, ce, _ = _student_logprobs(h, w, labels, t)
+        return _divergence_sum_(s_lp, t_lp, opts.kind, opts.beta), ce
+    s_lp, ce, _ = _student_logprobs(h, w, labels, 1.0)
+    s_b = soften(student_topk_buckets(s_lp, topk_ids), t)
+    t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab), t)
+    return divergence(s_b, t_b, opts.kind, opts.beta).sum(), ce
+
+
+def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
+                       t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None,
+                       g_kd: float, g_ce: float) -> Tensor:
+    """d(g_kd * kd_sum + g_ce * ce_sum) / d logits for one chunk, in closed form.
+
+    Autograd over [chunk, V] would keep ~9 such tensors alive; this keeps about 3, by
+    reusing the log-probs' and teacher's memory in place.
+    """
+    t = opts.temperature
+    if t_h is not None:
+        t_lp = _teacher_logprobs(t_h, t_w, t)
+        s_lp, _, shift = _student_logprobs(h, w, labels, t)
+        g = _divergence_grad_(s_lp, t_lp, opts.kind, opts.beta)
+        del t_lp
+        g = _log_softmax_backward_(g, s_lp).mul_(g_kd / t)
+        p1 = s_lp.exp_() if t == 1.0 else s_lp.mul_(t).add_(shift).exp_()
     else:
-        s_lp1 = F.log_softmax(z, dim=-1)
-        s_b = soften(student_topk_buckets(s_lp1, topk_ids), t)
-        t_b = soften(teacher_topk_buckets(topk_logprobs.to(z.dtype), opts.vocab), t)
-        kd = divergence(s_b, t_b, opts.kind, opts.beta).sum()
-    # CE is always at T = 1; reuse the T = 1 log-softmax when one exists (one [n, V] less).
-    if s_lp1 is None:
-        ce = F.cross_entropy(z, labels, reduction="sum")
-    else:
-        ce = -s_lp1.gather(-1, labels[:, None]).sum()
-    return kd, ce
+        s_lp, _, _ = _student_logprobs(h, w, labels, 1.0)
+        b = student_topk_buckets(s_lp, topk_ids)
+        s_b = soften(b, t)
+        t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab), t)
+        g_b = _log_softmax_backward_(_divergence_grad_(s_b, t_b, opts.kind, opts.beta), s_b).div_(t)
+        # Through the coarsening: the rest bucket is logsumexp over the non-top-k ids
+        # (d rest / d lp_j = exp(lp_j - rest)), the top-k buckets are plain gathers.
+        g = (s_lp - b[:, -1:]).clamp_max_(0.0).exp_().mul_(g_b[:, -1:])
+        g.scatter_(-1, topk_ids, 0.0).scatter_add_(-1, topk_ids, g_b[:, :-1])
+        g = _log_softmax_backward_(g, s_lp).mul_(g_kd)
+        p1 = s_lp.exp_()
+    # CE at T = 1: softmax(z) - onehot(label).
+    g.add_(p1, alpha=g_ce)
+    return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce))
 
 
 class _ChunkedKD(torch.autograd.Function):
     """(kd_sum, ce_sum) over kept tokens; logits exist one chunk at a time in both passes.
 
     The forward keeps only its inputs. The backward recomputes each chunk's logits, takes
-    their gradient with autograd (a small graph over [chunk, V]), and folds it into the
-    hidden-state and weight gradients with two matmuls, accumulating the weight gradient in
-    place in one fp32 buffer. Recomputing costs one extra matmul per chunk; in exchange
-    nothing of size [tokens, V] is ever alive (Liger's fused linear losses, torchtune's
-    chunked output use the same idea).
+    their gradient in closed form, and folds it into the hidden-state and weight gradients
+    with two matmuls, accumulating the weight gradient in place in one fp32 buffer.
+    Recomputing costs one extra matmul per chunk; in exchange nothing of size [tokens, V]
+    ever exists (the idea of Liger's fused linear losses and torchtune's chunked output).
     """
 
     @staticmethod
@@ -208,13 +291,11 @@ class _ChunkedKD(torch.autograd.Function):
         sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
         w32 = w[: opts.vocab].to(opts.dtype)
         t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
-        for s in range(0, h.shape[0], opts.chunk_size):
-            e = s + opts.chunk_size
-            z = F.linear(h[s:e].to(opts.dtype), w32)
-            t_z = None if t_h is None else F.linear(t_h[s:e].to(opts.dtype), t_w32)
-            kd, ce = _token_sums(z, labels[s:e], opts, t_z,
-                                 None if topk_ids is None else topk_ids[s:e],
-                                 None if topk_lp is None else topk_lp[s:e])
+        for s, e in _chunks(h.shape[0], opts.chunk_size):
+            kd, ce = _chunk_values(h[s:e].to(opts.dtype), w32, labels[s:e], opts,
+                                   None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
+                                   None if topk_ids is None else topk_ids[s:e],
+                                   None if topk_lp is None else topk_lp[s:e])
             sums[0] += kd
             sums[1] += ce
         ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp)
@@ -227,30 +308,31 @@ class _ChunkedKD(torch.autograd.Function):
         h, w, labels, t_h, t_w, topk_ids, topk_lp = ctx.saved_tensors
         opts: _Opts = ctx.opts
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_kd, g_ce = grad_sums.tolist()
         grad_h = torch.zeros_like(h) if need_h else None
-        # One fp32 buffer for the weight: per-chunk contributions are added in place, and
+        # One fp32 buffer for the weight: chunk contributions are added in place, and
         # padded rows beyond the shared vocabulary keep a zero gradient.
         grad_w = torch.zeros(w.shape, dtype=opts.dtype, device=w.device) if need_w else None
         w32 = w[: opts.vocab].to(opts.dtype)
         t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
-        for s in range(0, h.shape[0], opts.chunk_size):
-            e = s + opts.chunk_size
+        for s, e in _chunks(h.shape[0], opts.chunk_size):
             h_c = h[s:e].to(opts.dtype)
-            z = F.linear(h_c, w32).requires_grad_()
-            t_z = None if t_h is None else F.linear(t_h[s:e].to(opts.dtype), t_w32)
-            with torch.enable_grad():
-                kd, ce = _token_sums(z, labels[s:e], opts, t_z,
+            g_z = _chunk_grad_logits(h_c, w32, labels[s:e], opts,
+                                     None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
                                      None if topk_ids is None else topk_ids[s:e],
-                                     None if topk_lp is None else topk_lp[s:e])
-                (g_z,) = torch.autograd.grad(kd * grad_sums[0] + ce * grad_sums[1], z)
-            del kd, ce, z, t_z
+                                     None if topk_lp is None else topk_lp[s:e], g_kd, g_ce)
             if need_h:
                 grad_h[s:e] = g_z @ w32
             if need_w:
                 grad_w[: opts.vocab].addmm_(g_z.t(), h_c)
+            del g_z
         if need_w and grad_w.dtype != w.dtype:
             grad_w = grad_w.to(w.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 # ------------------------------------------------------------------------------ public API

@@ -33,6 +33,7 @@ class Prompt:
     text: str  # the user message, template applied
     answer: str | None  # the reference answer, when the set has one
     system: str | None = None
+    problem: str = ""  # the prompt before the template (what decontamination compares)
 
 
 @dataclass
@@ -105,6 +106,7 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
             text=template.replace("{prompt}", text) if template else text,
             answer=None if answer is None else str(answer),
             system=system,
+            problem=text,
         ))
     return PromptSet(source=source, prompts=prompts[: src.max_prompts], scorer=scorer)
 

@@ -58,15 +58,22 @@ def test_sweep_rows_columns_ids_and_files(tmp_path: Path, tiny_qwen: Path, llm) 
     assert all(0 < r["completion_tokens"] <= 24 and r["finish_reason"] in ("stop", "length") for r in ds)
 
     out = Path(cfg.output_dir)
-    assert len(datasets.load_from_disk(str(out / "dataset"))) == 16
-    assert len((out / "traces.jsonl").read_text().splitlines()) == 16
-    assert datasets.Dataset.from_parquet(str(out / "traces.parquet")).num_rows == 16
-    first = json.loads((out / "messages.jsonl").open().readline())
+    assert len(datasets.load_from_disk(str(out / "samples"))) == 16
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 16
+    assert datasets.Dataset.from_parquet(str(out / "samples.parquet")).num_rows == 16
+    first = json.loads((out / "samples.messages.jsonl").open().readline())
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert yaml.safe_load((out / "config.yaml").read_text())["temperatures"] == [0.6, 1.0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 16 and set(summary["per_temperature"]) == {"0.6", "1.0"}
     assert summary["tokens_per_second_this_run"] > 0
+    # Curation ran on the way out: every sample scored, the report and the kept set beside them.
+    assert set(ds["verdict"]) <= {"correct", "wrong", "error", "timeout"}
+    report = json.loads((out / "curation.json").read_text())
+    assert report["samples_in"] == 16 and report["scorer"] == "math"
+    assert report["filters"][0]["filter"] == "drop_truncated"
+    assert report["filters"][0]["in"] - report["filters"][0]["out"] == ds["finish_reason"].count("length")
+    assert len(datasets.load_from_disk(str(out / "curated"))) == report["samples_out"]
 
 
 def test_samples_differ_and_the_same_seed_reproduces(tmp_path: Path, tiny_qwen: Path, llm) -> None:
@@ -118,7 +125,7 @@ def test_resume_after_sigkill(tmp_path: Path, tiny_qwen: Path, llm) -> None:
         proc.wait()
     finished = len(list(shards.glob("shard-*.parquet")))
     assert 2 <= finished < 24, f"the kill should land mid-run, found {finished} of 24 shards"
-    assert not (tmp_path / "traces" / "dataset").exists()
+    assert not (tmp_path / "traces" / "samples").exists()
 
     ds = generate(load_config(GenerateConfig, cfg_file), llm)
     keys = [(r["prompt_id"], r["temperature"], r["sample_index"]) for r in ds]
@@ -153,3 +160,44 @@ def test_sample_seeds_are_stable_and_distinct() -> None:
     seeds = {sample_seed(0, p, t, i) for p in ("a", "b") for t in (0.6, 1.0) for i in range(3)}
     assert len(seeds) == 12 and sample_seed(0, "a", 0.6, 0) == sample_seed(0, "a", 0.6, 0)
     assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoConfig
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    k = 20
+    cfg = config(tmp_path, tiny_qwen, max_prompts=2, temperatures=[1.0], logprobs=k, max_tokens=16)
+    ds = generate(cfg, llm)
+    # Stored compactly (the numpy view below upcasts).
+    assert str(ds.features["topk_ids"]) == f"List(List(Value('int32'), length={k}))"
+    assert str(ds.features["topk_logprobs"]) == f"List(List(Value('float16'), length={k}))"
+    ds = ds.with_format("numpy")
+    vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
+    for row in ds:
+        ids, logprobs, sampled = row["topk_ids"], row["topk_logprobs"], row["token_logprobs"]
+        assert ids.shape == logprobs.shape == (row["completion_tokens"], k)
+        assert row["logprobs_mode"] == "raw_logprobs"
+        assert ((0 <= ids) & (ids < vocab)).all()
+        assert (np.exp(logprobs.astype(np.float64)).sum(axis=1) <= 1 + 1e-2).all()  # float16 rounding
+        assert (np.diff(logprobs.astype(np.float32), axis=1) <= 1e-3).all(), "ranked best first"
+
+    # The sampled tokens and their logprobs are exactly what a plain vLLM call with that seed gives.
+    row = ds[0]
+    prompt_ids = llm.get_tokenizer()(llm.get_tokenizer().apply_chat_template(
+        row["prompt"].tolist(), tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    plain = llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), SamplingParams(
+        temperature=1.0, top_p=cfg.top_p, max_tokens=16, seed=int(row["seed"]), logprobs=k), use_tqdm=False)[0].outputs[0]
+    assert len(plain.token_ids) == row["completion_tokens"]
+    expected = [plain.logprobs[t][token].logprob for t, token in enumerate(plain.token_ids)]
+    np.testing.assert_allclose(row["token_logprobs"], expected, rtol=1e-5)
+    in_topk = row["topk_ids"] == np.asarray(plain.token_ids)[:, None]
+    np.testing.assert_allclose(row["topk_logprobs"][in_topk].astype(np.float32),
+                               row["token_logprobs"][in_topk.any(axis=1)], atol=1e-2)
+
+    # Storage: at most 400 bytes per completion token at k = 20 in the saved parquet.
+    table = pq.read_table(Path(cfg.output_dir) / "samples.parquet", columns=["topk_ids", "topk_logprobs", "token_logprobs"])
+    assert table.nbytes / sum(ds["completion_tokens"]) <= 400

@@ -28,6 +28,7 @@ KIND_BETA = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: elementwise relative error is meaningless for near-zero entries."""
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -243,7 +244,7 @@ def test_offline_small_k_has_a_rest_bucket_and_lower_bounds_the_full_loss() -> N
     batch = make_batch(dtype=torch.float64)
     ids, lp = offline_topk(batch, 5)
     t_b = teacher_topk_buckets(lp, V)
-    assert t_b.shape == (ids.shape[0], 6) and (t_b[:, -1].exp() > 0.05).all()
+    assert t_b.shape == (ids.shape[0], 6) and (t_b[:, -1].exp() > 0.01).all()
     assert torch.allclose(t_b.exp().sum(-1), torch.ones(ids.shape[0], dtype=t_b.dtype))
     keep = batch["labels"] != -100
     s_b = student_topk_buckets(F.log_softmax(student_logits(batch)[keep], -1), ids)

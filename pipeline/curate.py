@@ -1,0 +1,313 @@
+"""Trace curation: score every sample, filter, decontaminate, and report what each step removed.
+
+Runs at the end of the generate stage, or alone on an existing traces dir:
+
+    python -m pipeline curate --output_dir runs/demo/traces [--keep_correct_only true ...]
+
+reads output_dir/samples, re-scores it in place (atomically) and writes
+output_dir/curated (the training set) and output_dir/curation.json (the report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.prompts import PromptSource, load_prompts
+
+Verdict = Literal["correct", "wrong", "error", "timeout", "no_reference"]
+ScorerName = Literal["math", "exact", "numeric", "choice", "regex"]
+
+
+@dataclass
+class CurateConfig:
+    # Scoring.
+    scorer: ScorerName | None = None  # unset: the prompt set's (set.yaml), else math
+    answer_pattern: str | None = None  # regex scorer: group 1 of the last match is the answer
+    numeric_tolerance: float = 1e-6  # numeric scorer: relative tolerance
+    choices: str = "ABCDE"  # choice scorer: the option letters
+    score_timeout: int = 5  # seconds per sample (math-verify's own timeout)
+    score_workers: int = 2  # scoring processes (math-verify's timeout needs a process's main thread)
+    # Filters, applied in this order; each one's in/out counts go to the report.
+    decontaminate_against: list[str] = field(default_factory=list)  # prompt sets, "path" or "path:split" (test)
+    decontamination_ngram: int = 8  # word n-grams; shorter prompts match only when identical
+    drop_truncated: bool = True  # finish_reason == "length"
+    require_closed_think: bool = False
+    min_completion_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    keep_correct_only: bool = False  # rejection sampling
+    dedupe_completions: bool = True  # exact duplicate completions of one prompt
+    max_samples_per_prompt: int | None = None  # keep the first k (correct ones first) per prompt
+
+    def __post_init__(self) -> None:
+        if self.scorer == "regex" and not self.answer_pattern:
+            raise ValueError("scorer regex needs answer_pattern (a regex whose group 1 is the answer)")
+        if self.answer_pattern:
+            re.compile(self.answer_pattern)
+        if self.score_workers < 1 or self.score_timeout < 1 or self.decontamination_ngram < 1:
+            raise ValueError("score_workers, score_timeout and decontamination_ngram must be at least 1")
+
+
+@dataclass
+class CurateStageConfig(CurateConfig):
+    output_dir: str = "runs/demo/traces"  # a generate stage's output_dir: reads samples/, writes curated/
+
+
+def main(cfg: CurateStageConfig) -> Any:
+    import datasets
+    import yaml
+
+    out = Path(cfg.output_dir)
+    if not (out / "samples").is_dir():
+        raise FileNotFoundError(f"{out / 'samples'} does not exist: point output_dir at a generate stage's output")
+    made_by = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    scorer = cfg.scorer or set_scorer(made_by.get("prompt_set")) or "math"
+    return curate_traces(datasets.load_from_disk(str(out / "samples")), cfg, scorer, out, made_by.get("export", []))
+
+
+def set_scorer(prompt_set: str | None) -> str | None:
+    spec = Path(prompt_set or "") / "set.yaml"
+    if prompt_set and spec.is_file():
+        import yaml
+        return (yaml.safe_load(spec.read_text()) or {}).get("scorer")
+    return None
+
+
+def curate_traces(dataset: Any, cfg: CurateConfig, scorer: str, out: Path, export: list[str] = ()) -> Any:
+    """Score `dataset`, save it as out/samples, filter it into out/curated; return the scored samples."""
+    from pipeline.generate import save_dataset  # one atomic writer for every dataset we save
+
+    dataset = score_dataset(dataset, cfg, scorer)
+    save_dataset(dataset, out / "samples", export)
+    curated, report = filter_traces(dataset, cfg, contamination_index(cfg))
+    report["scorer"] = scorer
+    save_dataset(curated, out / "curated", export)
+    (out / "curation.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    print(f"curated traces: {out / 'curated'}")
+    return dataset
+
+
+# ---------------------------------------------------------------------------- scoring
+
+def score_dataset(dataset: Any, cfg: CurateConfig, scorer: str) -> Any:
+    """Add extracted_answer, verdict and correct columns (correct is null without a reference)."""
+    from tqdm.auto import tqdm
+
+    jobs = [(scorer, scored_text(r), r["reference_answer"], _options(cfg))
+            for r in dataset.select_columns(["completion", "think_closed", "reference_answer"])]
+    # Spawned processes: math-verify's timeout is a signal, which works only in a main thread,
+    # and forking a process that runs vLLM's threads is unsafe.
+    with ProcessPoolExecutor(cfg.score_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(tqdm(pool.map(score_one, jobs, chunksize=64), total=len(jobs), desc="score", unit="sample"))
+    for column in ("extracted_answer", "verdict", "correct"):
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+    return (dataset.add_column("extracted_answer", [e for _, e in results])
+            .add_column("verdict", [v for v, _ in results])
+            .add_column("correct", [None if v == "no_reference" else v == "correct" for v, _ in results]))
+
+
+def scored_text(row: dict[str, Any]) -> str:
+    """The part of a completion that holds the answer: after the think block when it closed."""
+    text = row["completion"][0]["content"]
+    return text.rsplit("</think>", 1)[-1] if row["think_closed"] else text
+
+
+def _options(cfg: CurateConfig) -> dict[str, Any]:
+    return {"pattern": cfg.answer_pattern, "tolerance": cfg.numeric_tolerance,
+            "choices": cfg.choices, "timeout": cfg.score_timeout}
+
+
+def score_one(job: tuple[str, str, str | None, dict[str, Any]]) -> tuple[Verdict, str | None]:
+    """(verdict, extracted answer) for one sample. Never raises: an error is a verdict."""
+    scorer, text, reference, options = job
+    if reference is None or not str(reference).strip():
+        return "no_reference", None
+    from math_verify.errors import TimeoutException
+    try:
+        correct, extracted = SCORERS[scorer](text, str(reference), options)
+    except TimeoutException:
+        return "timeout", None
+    except Exception as err:  # a scorer bug or odd input must not end a long run
+        return "error", f"{type(err).__name__}: {err}"[:200]
+    return ("correct" if correct else "wrong"), extracted
+
+
+def _math(text: str, reference: str, options: dict[str, Any]) -> tuple[bool, str | None]:
+    from math_verify import parse, verify
+
+    timeout = options["timeout"]
+    # A bare reference such as \frac{1}{2} is LaTeX without delimiters: give it some.
+    gold = parse(reference if "$" in reference or "\\boxed" in reference else f"${reference}$",
+                 parsing_timeout=timeout, raise_on_error=True)
+    pred = parse(text, parsing_timeout=timeout, raise_on_error=True)
+    if not pred:
+        return False, None
+    # Gold first: verify is not symmetric.
+    return verify(gold, pred, timeout_seconds=timeout, raise_on_error=True), str(pred[-1])
+
+
+def _numeric(text: str, reference: str, options: dict[str, Any]) -> tuple[bool, str | None]:
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?", _boxed(text) or text)
+    if not numbers:
+        return False, None
+    value, gold = float(numbers[-1].replace(",", "")), float(reference.replace(",", ""))
+    return math.isclose(value, gold, rel_tol=options["tolerance"], abs_tol=options["tolerance"]), numbers[-1]
+
+
+def _exact(text: str, reference: str, options: dict[str, Any]) -> tuple[bool, str | None]:
+    answer = _boxed(text) or text
+    return _normalize(answer) == _normalize(reference), answer.strip()
+
+
+def _choice(text: str, reference: str, options: dict[str, Any]) -> tuple[bool, str | None]:
+    letters = re.escape(options["choices"])
+    boxed = _boxed(text)
+    found = re.findall(rf"\b([{letters}])\b", boxed) if boxed else \
+        re.findall(rf"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{letters}])\)?\b", text, re.I) or \
+        re.findall(rf"\(([{letters}])\)|\b([{letters}])\b", text)
+    if not found:
+        return False, None
+    last = found[-1] if isinstance(found[-1], str) else next(g for g in found[-1] if g)
+    return last.upper() == reference.strip().strip("()").upper(), last.upper()
+
+
+def _regex(text: str, reference: str, options: dict[str, Any]) -> tuple[bool, str | None]:
+    matches = list(re.finditer(options["pattern"], text))
+    if not matches:
+        return False, None
+    answer = matches[-1].group(1) if matches[-1].groups() else matches[-1].group(0)
+    return _normalize(answer) == _normalize(reference), answer
+
+
+SCORERS = {"math": _math, "numeric": _numeric, "exact": _exact, "choice": _choice, "regex": _regex}
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().rstrip(".").casefold().split())
+
+
+# ---------------------------------------------------------------------------- filters
+
+def contamination_index(cfg: CurateConfig) -> set[tuple[str, ...]]:
+    """Word n-grams of every eval prompt (and the whole word sequence of short ones)."""
+    index: set[tuple[str, ...]] = set()
+    for entry in cfg.decontaminate_against:
+        path, _, split = entry.partition(":")
+        for p in load_prompts(PromptSource(prompt_set=path, split=split or "test")).prompts:
+            index |= ngrams(p.problem, cfg.decontamination_ngram)
+    return index
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < n:
+        return {tuple(words)}
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, ...]]) -> tuple[Any, dict[str, Any]]:
+    """Apply the enabled filters in order; return the kept rows and the report."""
+    rows = dataset.select_columns(["prompt_id", "problem", "temperature", "finish_reason", "think_closed",
+                                   "completion_tokens", "completion", "correct", "verdict"]).to_list()
+    contaminated = sorted({r["prompt_id"] for r in rows if eval_ngrams & ngrams(r["problem"], cfg.decontamination_ngram)})
+
+    def first_k(kept: list[int]) -> list[int]:
+        by_prompt: dict[str, list[int]] = {}
+        for i in sorted(kept, key=lambda i: not rows[i]["correct"]):  # correct ones first, then in order
+            by_prompt.setdefault(rows[i]["prompt_id"], []).append(i)
+        chosen = {i for group in by_prompt.values() for i in group[: cfg.max_samples_per_prompt]}
+        return [i for i in kept if i in chosen]
+
+    def dedupe(kept: list[int]) -> list[int]:
+        seen, out = set(), []
+        for i in kept:
+            key = (rows[i]["prompt_id"], rows[i]["completion"][0]["content"])
+            if key not in seen:
+                seen.add(key)
+                out.append(i)
+        return out
+
+    def where(test):
+        return lambda kept: [i for i in kept if test(rows[i])]
+
+    steps = [
+        ("decontaminate", bool(cfg.decontaminate_against), where(lambda r: r["prompt_id"] not in contaminated)),
+        ("drop_truncated", cfg.drop_truncated, where(lambda r: r["finish_reason"] != "length")),
+        ("require_closed_think", cfg.require_closed_think, where(lambda r: r["think_closed"])),
+        ("min_completion_tokens", cfg.min_completion_tokens is not None,
+         where(lambda r: r["completion_tokens"] >= cfg.min_completion_tokens)),
+        ("max_completion_tokens", cfg.max_completion_tokens is not None,
+         where(lambda r: r["completion_tokens"] <= cfg.max_completion_tokens)),
+        ("keep_correct_only", cfg.keep_correct_only, where(lambda r: r["correct"] is True)),
+        ("dedupe_completions", cfg.dedupe_completions, dedupe),
+        ("max_samples_per_prompt", cfg.max_samples_per_prompt is not None, first_k),
+    ]
+    kept = list(range(len(rows)))
+    report_steps = []
+    for name, enabled, step in steps:
+        if not enabled:
+            continue
+        after = step(kept)
+        report_steps.append({"filter": name, "in": len(kept), "out": len(after),
+                             "per_temperature": {t: {"in": _count(rows, kept, t), "out": _count(rows, after, t)}
+                                                 for t in _temperatures(rows)}})
+        kept = after
+
+    verdicts: dict[str, int] = {}
+    for r in rows:
+        verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+    report = {
+        "samples_in": len(rows),
+        "samples_out": len(kept),
+        "verdicts": verdicts,
+        "accuracy_per_temperature": {t: _accuracy(rows, t) for t in _temperatures(rows)},
+        "filters": report_steps,
+        "contaminated_prompt_ids": contaminated,
+    }
+    return dataset.select(kept), report
+
+
+def _temperatures(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({str(r["temperature"]) for r in rows}, key=float)
+
+
+def _count(rows: list[dict[str, Any]], indices: list[int], temperature: str) -> int:
+    return sum(str(rows[i]["temperature"]) == temperature for i in indices)
+
+
+def _accuracy(rows: list[dict[str, Any]], temperature: str) -> float | None:
+    scored = [r["correct"] for r in rows if str(r["temperature"]) == temperature and r["correct"] is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def print_report(report: dict[str, Any]) -> None:
+    temps = list(report["accuracy_per_temperature"])
+    print(f"\ncuration: {report['samples_in']} samples in, {report['samples_out']} kept; verdicts {report['verdicts']}")
+    print(f"{'filter':<24}{'in':>8}{'out':>8}" + "".join(f"{'T=' + t:>14}" for t in temps))
+    for step in report["filters"]:
+        cells = "".join(f"{step['per_temperature'][t]['in']:>7}->{step['per_temperature'][t]['out']:<6}" for t in temps)
+        print(f"{step['filter']:<24}{step['in']:>8}{step['out']:>8}{cells}")
+    if report["contaminated_prompt_ids"]:
+        print(f"contaminated prompts dropped: {', '.join(report['contaminated_prompt_ids'][:10])}"
+              + (" ..." if len(report["contaminated_prompt_ids"]) > 10 else ""))
