@@ -12,7 +12,7 @@ ARGS ?=
 NUM_PROCESSES ?= 1
 ACCELERATE_CONFIG ?=
 
-.PHONY: install demo test generate bench lint clean
+.PHONY: install demo test generate curate bench clean
 
 install: $(STAMP)
 
@@ -33,13 +33,18 @@ runs/demo/teacher/config.json: | $(STAMP)
 generate: $(STAMP) runs/demo/teacher/config.json
 	$(PY) -m pipeline generate --config $(or $(CONFIG),configs/generate.yaml) $(ARGS)
 
+curate: $(STAMP)
+	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)
+
 demo: generate
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+# Figures go to BENCHMARKS.md by hand; each script also writes runs/bench/*.json.
 bench: $(STAMP)
-	$(PY) bench/bench_generate.py $(ARGS)
+	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_kd_memory.py
 
 clean:
 	rm -rf runs

@@ -82,6 +82,17 @@ def main() -> None:
         print(f"rep {rep}: plain {row['plain_tok_s']:.0f} tok/s, stage {row['stage_tok_s']:.0f} tok/s "
               f"({overhead_s:.2f} s of {stage_s:.2f} s outside sampling), ratio {row['ratio']:.3f}")
 
+    # Teacher top-k logprobs (for offline KD): storage per completion token, and the cost in speed.
+    import pyarrow.parquet as pq
+
+    cfg.logprobs = 20
+    lp_tokens, lp_s, _ = stage(llm, cfg, work / "logprobs")
+    columns = pq.read_table(work / "logprobs" / "samples.parquet", columns=["topk_ids", "topk_logprobs", "token_logprobs"])
+    logprobs = {"k": 20, "bytes_per_token_in_memory": columns.nbytes / lp_tokens,
+                "tok_s_with_logprobs": lp_tokens / lp_s}
+    print(f"top-20 logprobs: {logprobs['bytes_per_token_in_memory']:.1f} bytes per token (arrow, in memory); "
+          f"{logprobs['tok_s_with_logprobs']:.0f} tok/s with capture")
+
     result = {
         "benchmark": "generate stage tokens/s / plain vllm.LLM.generate tokens/s",
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
@@ -91,6 +102,7 @@ def main() -> None:
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "median_plain_tok_s": statistics.median(r["plain_tok_s"] for r in rows),
         "median_stage_tok_s": statistics.median(r["stage_tok_s"] for r in rows),
+        "logprobs": logprobs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -144,7 +144,7 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     unit_of = {}
     for n, (p, t, i) in enumerate(todo):
         params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
-                                seed=sample_seed(cfg.seed, p.id, t, i), logprobs=cfg.logprobs or None,
+                                seed=sample_seed(cfg.seed, p.id, t, i), logprobs=cfg.logprobs or None, flat_logprobs=True,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         unit_of[f"r1distill-{n}"] = (p, t, i)
         engine.add_request(f"r1distill-{n}", TokensPrompt(prompt_token_ids=prompt_ids[p.id]), params)
@@ -233,18 +233,25 @@ def to_record(cfg: GenerateConfig, unit: tuple[Prompt, float, int], output: Any)
 
 def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
     """Per completion token: the teacher's top-k ids (int32) and logprobs (float16), by rank,
-    plus the sampled token's own logprob (it may rank below k)."""
+    plus the sampled token's own logprob (it may rank below k). Reads vLLM's flat logprobs
+    with numpy: a dict per token would cost more than the sampling."""
     import numpy as np
 
-    ids = np.zeros((len(sample.token_ids), k), dtype=np.int32)
-    logprobs = np.full((len(sample.token_ids), k), -np.inf, dtype=np.float32)
-    for t, (token, position) in enumerate(zip(sample.token_ids, sample.logprobs)):
-        for token_id, lp in position.items():
-            if lp.rank is not None and 1 <= lp.rank <= k:
-                ids[t, lp.rank - 1], logprobs[t, lp.rank - 1] = token_id, lp.logprob
-    sampled = [position[token].logprob for token, position in zip(sample.token_ids, sample.logprobs)]
-    return {"topk_ids": ids, "topk_logprobs": logprobs.astype(np.float16),
-            "token_logprobs": np.asarray(sampled, dtype=np.float32), "logprobs_mode": mode}
+    flat = sample.logprobs
+    counts = np.asarray(flat.end_indices) - np.asarray(flat.start_indices)
+    position = np.repeat(np.arange(len(counts)), counts)
+    ids, values = np.asarray(flat.token_ids), np.asarray(flat.logprobs, dtype=np.float32)
+    ranks = np.asarray([r or 0 for r in flat.ranks])
+    top = (ranks >= 1) & (ranks <= k)
+    topk_ids = np.zeros((len(counts), k), dtype=np.int32)
+    topk_logprobs = np.full((len(counts), k), -np.inf, dtype=np.float32)
+    topk_ids[position[top], ranks[top] - 1] = ids[top]
+    topk_logprobs[position[top], ranks[top] - 1] = values[top]
+    is_sampled = ids == np.repeat(np.asarray(sample.token_ids), counts)
+    sampled = np.empty(len(counts), dtype=np.float32)
+    sampled[position[is_sampled]] = values[is_sampled]
+    return {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs.astype(np.float16),
+            "token_logprobs": sampled, "logprobs_mode": mode}
 
 
 def prepare_output_dir(cfg: GenerateConfig, out: Path) -> None:

@@ -76,3 +76,15 @@ def test_cli_reports_unknown_key_without_starting_anything() -> None:
                              "--temprature", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "unknown config key 'temprature' in the command line. Did you mean 'temperatures'?" in result.stderr
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_readme_documents_every_config_key(stage: str) -> None:
+    import dataclasses
+    import importlib
+
+    module, name = STAGES[stage]
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+               if f"`{f.name}`" not in readme]
+    assert not missing, f"README.md's config reference lacks {missing}"
