@@ -9,7 +9,8 @@ from pipeline.config import ConfigError, load_config, parse_cli
 
 # stage name -> (module, config class); modules are imported only when their stage runs.
 STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
-          "curate": ("pipeline.curate", "CurateStageConfig")}
+          "curate": ("pipeline.curate", "CurateStageConfig"),
+          "sft": ("pipeline.sft", "SFTStageConfig")}
 
 
 def run(argv: list[str]) -> None:

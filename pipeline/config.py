@@ -83,7 +83,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
-        return v
+        if dataclasses.is_dataclass(v):
+            return plain(dataclasses.asdict(v))
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
 
 
