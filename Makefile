@@ -12,7 +12,16 @@ ARGS ?=
 NUM_PROCESSES ?= 1
 ACCELERATE_CONFIG ?=
 
-.PHONY: install demo test generate curate bench clean
+# sft/eval run under `accelerate launch` when NUM_PROCESSES > 1 or ACCELERATE_CONFIG is set;
+# without a config, --multi_gpu (with use_cpu: true in the stage config, that is MULTI_CPU).
+ifeq ($(NUM_PROCESSES)$(ACCELERATE_CONFIG),1)
+LAUNCH := $(PY) -m pipeline
+else
+LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
+	--num_processes $(NUM_PROCESSES) -m pipeline
+endif
+
+.PHONY: install demo test generate curate sft bench clean
 
 install: $(STAMP)
 
@@ -33,10 +42,20 @@ runs/demo/teacher/config.json: | $(STAMP)
 generate: $(STAMP) runs/demo/teacher/config.json
 	$(PY) -m pipeline generate --config $(or $(CONFIG),configs/generate.yaml) $(ARGS)
 
+# Demo inputs, made on first use: a tiny student to fine-tune, and traces from `make generate`.
+runs/demo/student-init/config.json: | $(STAMP)
+	$(PY) -m pipeline.tiny runs/demo/student-init --hidden 64
+
+runs/demo/traces/curated/state.json: | $(STAMP)
+	$(MAKE) generate
+
+sft: $(STAMP) runs/demo/student-init/config.json runs/demo/traces/curated/state.json
+	$(LAUNCH) sft --config $(or $(CONFIG),configs/sft.yaml) $(ARGS)
+
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)
 
-demo: generate
+demo: generate sft
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

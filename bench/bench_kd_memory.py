@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936, help="Qwen2.5-0.5B's lm_head rows")
     parser.add_argument("--hidden", type=int, default=896, help="student hidden size (Qwen2.5-0.5B)")
     parser.add_argument("--teacher-hidden", type=int, default=896)
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[1024],
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[1024, 256],
                         help="one or more; the naive variant runs once")
     parser.add_argument("--kind", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
     parser.add_argument("--temperature", type=float, default=1.0)

@@ -82,6 +82,8 @@ def main(cfg: SFTStageConfig) -> Path:
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
+    state = trainer.accelerator.state
+    print(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
 
     save_config(cfg, Path(cfg.output_dir) / "stage_config.yaml")
     last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
@@ -102,6 +104,9 @@ def load_traces(source: str, split: str) -> Any:
     if (path / "curated").is_dir():
         path = path / "curated"
     if path.is_dir():
+        if _saved_empty(path):  # datasets 5.2 cannot load a dataset saved with no rows
+            raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
+                             "see curation.json beside it)")
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
@@ -120,6 +125,13 @@ def load_traces(source: str, split: str) -> Any:
                          "see curation.json beside it)")
     keep = needed + ["prompt_id"] * ("prompt_id" in data.column_names)
     return data.select_columns(keep)
+
+
+def _saved_empty(path: Path) -> bool:
+    import json
+
+    state = path / "state.json"
+    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
 
 
 def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTStageConfig) -> None:
@@ -146,16 +158,14 @@ def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
 
 
 def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
-    """Every sample must end in the student's EOS and that EOS must carry loss (pad == eos
+    """Samples must end in the student's EOS and that EOS must carry loss (pad == eos
     collators can mask it out, and a student that never saw EOS never stops)."""
     sample = trainer.train_dataset[0]
-    ids, mask = sample["input_ids"], sample.get("completion_mask")
-    completion = ids if mask is None else [t for t, m in zip(ids, mask) if m]
-    if tokenizer.eos_token_id not in completion:
+    trained = [t for t in sample.get("labels", sample["input_ids"]) if t != -100]
+    if tokenizer.eos_token_id not in trained[-2:]:  # ChatML puts a newline after the EOS
         raise ValueError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
                          "use a chat template that ends assistant turns with the EOS token")
-    batch = trainer.data_collator([trainer.train_dataset[0]])
-    labels = batch["labels"][0].tolist()
+    labels = trainer.data_collator([sample])["labels"][0].tolist()
     if tokenizer.eos_token_id not in labels:
         raise ValueError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
                          "(pad_token == eos_token?): set a distinct pad token")

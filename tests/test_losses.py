@@ -115,6 +115,25 @@ def test_matches_trl_generalized_jsd_loss(beta: float, temperature: float) -> No
     assert torch.allclose(out["kd_loss"], temperature**2 * trl, rtol=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind,beta,trl_beta", [("forward_kl", 0.5, 0.0), ("reverse_kl", 0.5, 1.0), ("jsd", 0.3, 0.3)])
+def test_matches_trl_chunked_divergence_values_and_gradients(kind: str, beta: float, trl_beta: float,
+                                                              temperature: float) -> None:
+    # trl 1.16's DistillationTrainer has its own chunked loss (private; fp32; no T^2 factor, no CE).
+    trainer = pytest.importorskip("trl.trainer.distillation_trainer")
+    trl_loss = getattr(trainer, "_chunked_divergence_loss", None) or pytest.skip("not in this trl")
+    batch = make_batch()
+    h, w = batch["student_hidden"], batch["student_lm_head_weight"]
+    ref, _, _ = trl_loss(h, batch["teacher_hidden"], w, batch["teacher_lm_head_weight"],
+                         (batch["labels"] != -100).long(), trl_beta, temperature=temperature)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    out = chunked_kd_loss(**batch, kind=kind, beta=beta, temperature=temperature, chunk_size=4)["kd_loss"]
+    gh, gw = torch.autograd.grad(out, (h, w))
+    t2 = temperature**2
+    assert rel_err(out, t2 * ref) <= 1e-5
+    assert rel_err(gh, t2 * ref_gh) <= 1e-5 and rel_err(gw, t2 * ref_gw) <= 1e-5
+
+
 @pytest.mark.parametrize("fn", [naive_kd_loss, chunked_kd_loss])
 def test_temperature_squared_times_divergence_of_softened_distributions(fn) -> None:
     batch = make_batch(dtype=torch.float64)

@@ -1,0 +1,154 @@
+"""The sft stage with real TRL training on tiny local models (CPU), and real 2-process runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.sft import SFTStageConfig, main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Traces made by the real generate stage (vLLM) from the tiny teacher."""
+    out = tmp_path_factory.mktemp("traces") / "traces"
+    subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
+                    "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
+                    "--max_tokens", "48", "--logprobs", "0", "--drop_truncated", "false",
+                    "--decontaminate_against", "[]"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out
+
+
+def sft_config(tmp_path: Path, student: Path, traces: Path, **overrides) -> SFTStageConfig:
+    values = {**yaml.safe_load((ROOT / "configs/sft.yaml").read_text()),
+              "output_dir": str(tmp_path / "student"), "model": str(student), "dataset": str(traces),
+              "logging_steps": 1, "save_steps": 2, "seed": 0, "data_seed": 0}
+    return load_config(SFTStageConfig, None, {**values, **overrides})
+
+
+def losses(out: Path, key: str = "loss") -> list[float]:
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    return [h[key] for h in state["log_history"] if key in h]
+
+
+def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = main(sft_config(tmp_path, tiny_qwen, traces, num_train_epochs=4))
+    history = losses(out)
+    assert history[-1] < 0.8 * history[0], f"loss should go down: {history}"
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen2"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
+    card = (out / "README.md").read_text()
+    assert str(tiny_qwen) in card and str(traces) in card
+    assert yaml.safe_load((out / "stage_config.yaml").read_text())["dataset"] == str(traces)
+
+
+def test_eos_ends_every_sample_and_carries_loss(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from pipeline.sft import check_eos_trained, load_traces
+
+    cfg = sft_config(tmp_path, tiny_qwen, traces, max_length=512)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    trainer = SFTTrainer(model=str(tiny_qwen), args=cfg, train_dataset=load_traces(str(traces), "train"),
+                         processing_class=tokenizer)
+    for sample in trainer.train_dataset:
+        trained = [t for t in sample["labels"] if t != -100]
+        assert tokenizer.eos_token_id in trained[-2:]
+    labels = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])["labels"]
+    assert (labels == tokenizer.eos_token_id).sum(dim=1).min() >= 1
+
+    # A template that never emits the EOS is refused before training.
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_end|>", "<|endoftext|>")
+    trainer = SFTTrainer(model=str(tiny_qwen), args=cfg, train_dataset=load_traces(str(traces), "train"),
+                         processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"EOS '<\|im_end\|>' is not among the trained completion tokens"):
+        check_eos_trained(trainer, tokenizer)
+
+
+def test_resume_from_the_last_checkpoint(tmp_path: Path, tiny_qwen: Path, traces: Path, capsys) -> None:
+    main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2))
+    assert "resuming from" not in capsys.readouterr().out
+    out = main(sft_config(tmp_path, tiny_qwen, traces, max_steps=4))
+    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    steps = [h["step"] for h in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+             if "loss" in h]
+    assert steps == [1, 2, 3, 4], "the second run continues at step 3, not from scratch"
+
+
+def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path) -> None:
+    # Teacher and student differ in architecture but share the tokenizer: allowed.
+    out = main(sft_config(tmp_path, tiny_qwen, traces, kd="online", teacher=str(tiny_llama), kd_alpha=0.5,
+                          kd_temperature=2.0, max_steps=3))
+    ce, kd, total = losses(out, "ce_loss"), losses(out, "kd_loss"), losses(out)
+    assert len(ce) == len(kd) == len(total) == 3 and all(k > 0 for k in kd)
+    assert total[0] == pytest.approx(0.5 * ce[0] + 0.5 * kd[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("missing_column", r"missing column\(s\) completion; columns present: prompt"),
+    ("empty", r"is empty: nothing to train on"),
+    ("no_dataset", r"dataset .*nope does not exist"),
+    ("other_tokenizer", r"different tokenizers \(\d+ vs \d+ tokens\)"),
+])
+def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, traces: Path, problem: str,
+                                            expected: str) -> None:
+    import datasets
+
+    dataset, overrides = str(traces), {}
+    if problem == "missing_column":
+        dataset = str(tmp_path / "d")
+        datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}]).save_to_disk(dataset)
+    elif problem == "empty":
+        dataset = str(tmp_path / "d")
+        datasets.load_from_disk(str(traces / "curated")).select([]).save_to_disk(dataset)
+    elif problem == "no_dataset":
+        dataset = str(tmp_path / "nope")
+    else:
+        from transformers import AutoTokenizer
+
+        other = tmp_path / "teacher"
+        subprocess.run([sys.executable, "-m", "pipeline.tiny", str(other)], check=True, capture_output=True)
+        tokenizer = AutoTokenizer.from_pretrained(other)
+        tokenizer.add_tokens(["<extra>"])
+        tokenizer.save_pretrained(other)
+        overrides = {"kd": "online", "teacher": str(other)}
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        main(sft_config(tmp_path, tiny_qwen, Path(dataset), **overrides))
+
+
+def test_accelerate_configs_are_valid() -> None:
+    for name, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")):
+        config = yaml.safe_load((ROOT / f"configs/accelerate/{name}.yaml").read_text())
+        assert config["distributed_type"] == kind
+
+
+def test_two_processes_match_one_with_twice_the_batch(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    """Real 2-process DDP on CPU (gloo): trains, saves, and its first-step loss equals 1 x 2b."""
+    common = ["--config", "configs/sft.yaml", "--model", str(tiny_qwen), "--dataset", str(traces),
+              "--max_steps", "1", "--logging_steps", "1", "--save_steps", "1", "--seed", "0"]
+    two = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                          "--num_processes", "2", "-m", "pipeline", "sft", *common,
+                          "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "process 0 of 2 (MULTI_CPU)" in two.stdout and "process 1 of 2 (MULTI_CPU)" in two.stdout
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+    one = subprocess.run([sys.executable, "-m", "pipeline", "sft", *common,
+                          "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert losses(tmp_path / "two")[0] == pytest.approx(losses(tmp_path / "one")[0], rel=1e-4)
