@@ -64,6 +64,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_kd_memory.py
+	$(PY) bench/bench_sft_step.py
 
 clean:
 	rm -rf runs

@@ -233,7 +233,7 @@ def to_record(cfg: GenerateConfig, unit: tuple[Prompt, float, int], output: Any)
 
 def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
     """Per completion token: the teacher's top-k ids (int32) and logprobs (float16), by rank,
-    plus the sampled token's own logprob (it may rank below k). Reads vLLM's flat logprobs
+    the sampled token's own logprob (it may rank below k) and id (to line rows up in sft). Reads vLLM's flat logprobs
     with numpy: a dict per token would cost more than the sampling."""
     import numpy as np
 
@@ -251,7 +251,8 @@ def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
     sampled = np.empty(len(counts), dtype=np.float32)
     sampled[position[is_sampled]] = values[is_sampled]
     return {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs.astype(np.float16),
-            "token_logprobs": sampled, "logprobs_mode": mode}
+            "token_logprobs": sampled, "completion_token_ids": np.asarray(sample.token_ids, dtype=np.int32),
+            "logprobs_mode": mode}
 
 
 def prepare_output_dir(cfg: GenerateConfig, out: Path) -> None:

@@ -3,7 +3,8 @@
     loss = (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * D(teacher_T || student_T)
 
 on completion tokens only, D one of forward KL, reverse KL, generalized JSD (pipeline/losses.py).
-The teacher is online: a frozen model beside the student, on the same devices. Checked before training: the chat template keeps the think block,
+The teacher is online (a frozen model beside the student, on the same devices) or offline
+(the top-k logprobs the generate stage stored with `logprobs: k`). Checked before training: the chat template keeps the think block,
 every sample ends in the student's EOS and the EOS carries loss, no sample is cut silently.
 
     output_dir/checkpoint-*/   resumable checkpoints (a rerun resumes from the last one)
@@ -22,7 +23,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from pipeline.config import save_config
-from pipeline.losses import chunked_kd_loss, combine
+from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
 from pipeline.tiny import CHATML_TEMPLATE
 
 
@@ -39,13 +40,13 @@ class SFTStageConfig(SFTConfig):
     dataset_split: str = "train"  # for hub datasets
     chat_template: Literal["student", "chatml"] = "student"  # chatml: a fallback that keeps <think> blocks
     # Logit KD.
-    kd: Literal["none", "online"] = "none"
+    kd: Literal["none", "online", "offline"] = "none"
     teacher: str | None = None  # online KD: teacher path or hub id (must share the student's tokenizer)
     kd_alpha: float = 0.5  # weight of the KD term; 1 - kd_alpha weighs CE
     kd_temperature: float = 2.0
     kd_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     kd_beta: float = 0.5  # jsd only: the mixture weight (0: forward KL, 1: reverse KL)
-    kd_chunk_size: int = 1024  # tokens per chunk of logits: bounds the loss's memory
+    kd_chunk_size: int = 256  # tokens per chunk of logits: bounds the loss's memory (see BENCHMARKS.md)
     # LoRA (peft).
     lora_r: int = 0  # 0: full fine-tuning
     lora_alpha: int = 32
@@ -62,18 +63,31 @@ class SFTStageConfig(SFTConfig):
             raise ValueError("kd_temperature must be > 0 and kd_chunk_size >= 1")
 
 
-STAGE_FIELDS = {f.name for f in dataclasses.fields(SFTStageConfig)} - {f.name for f in dataclasses.fields(SFTConfig)}
-
-
 def main(cfg: SFTStageConfig) -> Path:
-    from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
-    dataset = load_traces(cfg.dataset, cfg.dataset_split)
+    trainer = build_trainer(cfg)
+    save_config(cfg, Path(cfg.output_dir) / "stage_config.yaml")
+    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+    if last:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    save_student(trainer, trainer.processing_class, cfg)
+    return Path(cfg.output_dir)
+
+
+def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
+    """Load and check the data, tokenizer and models; return the trainer, ready to train."""
+    from transformers import AutoTokenizer
+
+    dataset = load_traces(cfg.dataset, cfg.dataset_split, offline_kd=cfg.kd == "offline")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if cfg.chat_template == "chatml" or tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
-    check_template_keeps_think(tokenizer, dataset[0], cfg)
+    if cfg.kd == "offline":  # train on the teacher's own tokens, which its stored rows describe
+        dataset = teacher_token_dataset(dataset, tokenizer)
+    else:
+        check_template_keeps_think(tokenizer, dataset[0], cfg)
     set_max_length(cfg, tokenizer, dataset)
 
     teacher = load_teacher(cfg, tokenizer) if cfg.kd == "online" else None
@@ -82,21 +96,17 @@ def main(cfg: SFTStageConfig) -> Path:
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
+    if cfg.kd == "offline":  # every sample's stored rows must line up before hours of training
+        for example in trainer.train_dataset:
+            teacher_rows(example, trainer.vocab_size)
     state = trainer.accelerator.state
     print(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
-
-    save_config(cfg, Path(cfg.output_dir) / "stage_config.yaml")
-    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-    if last:
-        print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    save_student(trainer, tokenizer, cfg)
-    return Path(cfg.output_dir)
+    return trainer
 
 
 # ---------------------------------------------------------------------------- data
 
-def load_traces(source: str, split: str) -> Any:
+def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
     """The training set: a traces dir (its curated/), a saved dataset, or a hub dataset."""
     import datasets
 
@@ -115,10 +125,11 @@ def load_traces(source: str, split: str) -> Any:
                                 "save_to_disk, or a hub id like owner/name)")
     else:
         data = datasets.load_dataset(source, split=split)
-    needed = ["prompt", "completion"]
+    needed = ["prompt", "completion"] + (list(TEACHER_COLUMNS) if offline_kd else [])
     missing = [c for c in needed if c not in data.column_names]
     if missing:
-        raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}; "
+        hint = " (offline KD needs traces generated with logprobs: k)" if offline_kd else ""
+        raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
                          f"columns present: {', '.join(data.column_names)}")
     if len(data) == 0:
         raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
@@ -146,8 +157,11 @@ def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTS
 
 
 def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False))
-               for r in dataset.select_columns(["prompt", "completion"])]
+    if "input_ids" in dataset.column_names:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    else:
+        lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False))
+                   for r in dataset.select_columns(["prompt", "completion"])]
     if cfg.max_length is None:
         cfg.max_length = max(lengths)
         print(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
@@ -205,9 +219,20 @@ class KDTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.kd = kd
         self.teacher = teacher
-        self.vocab_size = len(self.processing_class)
+        # Online: both logit matrices cut to the shared tokenizer (their padding may differ).
+        # Offline: the stored ids are the teacher's own samples, which may fall in padding rows.
+        self.vocab_size = (len(self.processing_class) if kd.kd == "online"
+                           else self.model.get_output_embeddings().weight.shape[0])
         if teacher is not None:
             self.teacher.to(self.accelerator.device)
+        if kd.kd == "offline":
+            if kd.packing or kd.padding_free:
+                raise ValueError("kd: offline does not support packing or padding_free yet")
+            self.data_collator = OfflineTeacherCollator(self.data_collator, self.vocab_size)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
+        self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -216,7 +241,9 @@ class KDTrainer(SFTTrainer):
         student = model(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         labels = inputs["labels"][:, 1:]
         kwargs: dict[str, Any] = {}
-        if self.teacher is not None:
+        if "teacher_topk_ids" in inputs:
+            kwargs = dict(teacher_topk_ids=inputs["teacher_topk_ids"], teacher_topk_logprobs=inputs["teacher_topk_logprobs"])
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
             kwargs = dict(teacher_hidden=teacher.hidden_states[-1][:, :-1],
@@ -231,6 +258,77 @@ class KDTrainer(SFTTrainer):
         for key in ("ce_loss", "kd_loss"):
             self._metrics[mode][key].append(losses[key].detach().item())
         return (loss, student) if return_outputs else loss
+
+
+TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "completion_token_ids")
+
+
+def teacher_token_dataset(dataset: Any, tokenizer: Any) -> Any:
+    """Tokenized examples whose completion is the teacher's sampled token ids, not a
+    re-tokenization of their text (which can differ: invalid UTF-8, skipped special tokens,
+    non-canonical merges). The prompt is rendered with the student's template, and the
+    template's own tokens after an assistant turn (ChatML: EOS, newline) are appended."""
+    probe = dataset[0]["prompt"]
+    prompt_ids = _template_ids(tokenizer, probe, add_generation_prompt=True)
+    with_x = _template_ids(tokenizer, probe + [{"role": "assistant", "content": "x"}])
+    x_ids = tokenizer("x", add_special_tokens=False).input_ids
+    tail = with_x[len(prompt_ids) + len(x_ids):]
+
+    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
+        prompt = _template_ids(tokenizer, example["prompt"], add_generation_prompt=True)
+        completion = list(example["completion_token_ids"])
+        ending = tail[1:] if tail and completion and completion[-1] == tail[0] else tail  # EOS once
+        return {"input_ids": prompt + completion + ending,
+                "labels": [-100] * len(prompt) + completion + ending}
+
+    return dataset.map(tokenize, remove_columns=["prompt", "completion"], desc="teacher tokens")
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def teacher_rows(example: dict[str, Any], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored teacher top-k rows for each trained position of one tokenized example.
+
+    Row j was the teacher's distribution when it sampled completion token j, which is the
+    target of trained position j (teacher_token_dataset trains on those very tokens). Template
+    tokens after the teacher's own (the newline after ChatML's EOS; the EOS itself when the
+    teacher was cut at max_tokens) get a one-hot row: the template makes them certain."""
+    trained = [t for t in example["labels"][1:] if t != -100]
+    teacher_ids = list(example["completion_token_ids"])
+    n = min(len(trained), len(teacher_ids))
+    if trained[:n] != teacher_ids[:n]:
+        first = next(i for i in range(n) if trained[i] != teacher_ids[i])
+        raise ValueError(f"sample {example.get('prompt_id', '?')}: the trained tokens differ from the teacher's "
+                         f"at position {first}; offline KD needs the teacher's own tokens")
+    ids = torch.as_tensor(example["topk_ids"][:n], dtype=torch.long).reshape(n, -1)
+    if n and max(int(ids.max()), max(trained)) >= vocab_size:
+        raise ValueError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
+                         f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
+    logprobs = torch.as_tensor(example["topk_logprobs"][:n], dtype=torch.float32).reshape(n, -1).clamp_min(LOG_ZERO)
+    tail = torch.as_tensor(trained[n:], dtype=torch.long)
+    k = len(example["topk_ids"][0])
+    one_hot_ids = (tail[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 distinct others
+    one_hot_logprobs = torch.full((len(tail), k), LOG_ZERO)
+    one_hot_logprobs[:, 0] = 0.0
+    return torch.cat([ids, one_hot_ids]), torch.cat([logprobs, one_hot_logprobs])
+
+
+class OfflineTeacherCollator:
+    """TRL's collator, plus the teacher rows of every trained position in the batch, in the
+    row-major order in which the loss visits the positions."""
+
+    def __init__(self, collator: Any, vocab_size: int) -> None:
+        self.collator, self.vocab_size = collator, vocab_size
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [teacher_rows(e, self.vocab_size) for e in examples]
+        batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_COLUMNS} for e in examples])
+        batch["teacher_topk_ids"] = torch.cat([ids for ids, _ in rows])
+        batch["teacher_topk_logprobs"] = torch.cat([lp for _, lp in rows])
+        return batch
 
 
 # ---------------------------------------------------------------------------- save

@@ -23,7 +23,7 @@ def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("traces") / "traces"
     subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
                     "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
-                    "--max_tokens", "48", "--logprobs", "0", "--drop_truncated", "false",
+                    "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
                     "--decontaminate_against", "[]"],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out
@@ -98,10 +98,30 @@ def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_ll
     assert total[0] == pytest.approx(0.5 * ce[0] + 0.5 * kd[0], rel=1e-3)
 
 
+def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    import datasets
+
+    from pipeline.sft import teacher_rows
+
+    # The tiny teacher itself is the student: its stored top-k rows must line up with its own tokens.
+    out = main(sft_config(tmp_path, tiny_qwen, traces, kd="offline", kd_alpha=1.0, kd_temperature=1.0, max_steps=2))
+    kd = losses(out, "kd_loss")
+    assert len(kd) == 2 and all(0 <= v < 0.5 for v in kd), f"a student equal to its teacher has near-zero KD: {kd}"
+
+    row = datasets.load_from_disk(str(traces / "curated"))[0]
+    trained = row["completion_token_ids"] + [99, 100]  # two template tokens after the teacher's own
+    ids, logprobs = teacher_rows({**row, "labels": [-100] * 5 + trained}, vocab_size=320)
+    assert ids.shape == logprobs.shape == (len(trained), 8)
+    assert ids[-2:, 0].tolist() == [99, 100] and logprobs[-1, 0] == 0 and logprobs[-1, 1:].max() < -1e3
+    with pytest.raises(ValueError, match=r"differ from the teacher's at position 0"):
+        teacher_rows({**row, "labels": [-100, (trained[0] + 1) % 256] + trained[1:]}, vocab_size=320)
+
+
 @pytest.mark.parametrize("problem,expected", [
     ("missing_column", r"missing column\(s\) completion; columns present: prompt"),
     ("empty", r"is empty: nothing to train on"),
     ("no_dataset", r"dataset .*nope does not exist"),
+    ("offline_without_logprobs", r"missing column\(s\) topk_ids \(offline KD needs traces generated with logprobs"),
     ("other_tokenizer", r"different tokenizers \(\d+ vs \d+ tokens\)"),
 ])
 def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, traces: Path, problem: str,
@@ -117,6 +137,10 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, tra
         datasets.load_from_disk(str(traces / "curated")).select([]).save_to_disk(dataset)
     elif problem == "no_dataset":
         dataset = str(tmp_path / "nope")
+    elif problem == "offline_without_logprobs":
+        dataset = str(tmp_path / "d")
+        datasets.load_from_disk(str(traces / "curated")).remove_columns(["topk_ids"]).save_to_disk(dataset)
+        overrides = {"kd": "offline"}
     else:
         from transformers import AutoTokenizer
 
