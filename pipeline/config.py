@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,22 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans: YAML 1.1 would read `save_strategy: no` as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -59,12 +76,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = parse_yaml(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(_checked(cls, loaded, source=str(path)))
     for key, raw in (overrides or {}).items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        value = parse_yaml(raw) if isinstance(raw, str) else raw
         if isinstance(raw, str) and not isinstance(value, (bool, int, float, list, dict, type(None))):
             value = raw  # keep strings verbatim (yaml would eat a leading '#', strip quotes, ...)
         values.update(_checked(cls, {key: value}, source="the command line"))
@@ -137,7 +154,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
             raise ValueError(f"accepted values: {', '.join(str(m.value) for m in annotation)}") from None
     if origin in (list, tuple):
         if isinstance(value, str):  # `--temperatures 0.6,1.0` from the command line
-            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            value = [parse_yaml(v) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
         item = args[0] if args else Any
@@ -155,6 +172,11 @@ def _coerce(value: Any, annotation: Any) -> Any:
             raise ValueError("expected an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
         return float(value)

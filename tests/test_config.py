@@ -91,3 +91,13 @@ def test_readme_documents_every_config_key(stage: str) -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [f.name for f in dataclasses.fields(cls) if f.name in ours and f"`{f.name}`" not in readme]
     assert not missing, f"README.md's config reference lacks {missing}"
+
+
+def test_yaml_1_1_traps_are_avoided(tmp_path: Path) -> None:
+    """`no`/`off` stay strings (YAML 1.1 reads them as false) and 1e-5 is a number."""
+    from pipeline.sft import SFTStageConfig
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("save_strategy: no\nlearning_rate: 1e-5\nuse_cpu: true\nbf16: false\n")
+    cfg = load_config(SFTStageConfig, path, {"lr_scheduler_type": "constant", "weight_decay": "1e-2"})
+    assert cfg.save_strategy == "no" and cfg.learning_rate == 1e-5 and cfg.weight_decay == 0.01
