@@ -90,8 +90,15 @@ def test_resume_from_the_last_checkpoint(tmp_path: Path, tiny_qwen: Path, traces
 
 
 def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path) -> None:
-    # Teacher and student differ in architecture but share the tokenizer: allowed.
-    out = main(sft_config(tmp_path, tiny_qwen, traces, kd="online", teacher=str(tiny_llama), kd_alpha=0.5,
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Teacher and student differ in architecture and in embedding padding (384 vs 320 rows,
+    # like Qwen2.5 7B vs 0.5B) but share the tokenizer: allowed, logits cut to its length.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    teacher.resize_token_embeddings(384)
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "teacher")
+    out = main(sft_config(tmp_path, tiny_qwen, traces, kd="online", teacher=str(tmp_path / "teacher"), kd_alpha=0.5,
                           kd_temperature=2.0, max_steps=3))
     ce, kd, total = losses(out, "ce_loss"), losses(out, "kd_loss"), losses(out)
     assert len(ce) == len(kd) == len(total) == 3 and all(k > 0 for k in kd)
