@@ -89,6 +89,13 @@ def test_resume_from_the_last_checkpoint(tmp_path: Path, tiny_qwen: Path, traces
     assert steps == [1, 2, 3, 4], "the second run continues at step 3, not from scratch"
 
 
+def test_lora_trains_an_adapter(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    out = main(sft_config(tmp_path, tiny_qwen, traces, lora_r=4, lora_alpha=8, max_steps=2))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
+    assert len(losses(out)) == 2 and not (out / "model.safetensors").exists()
+
+
 def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
