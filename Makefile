@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo test generate curate sft bench clean
+.PHONY: install demo test generate curate sft eval bench clean
 
 install: $(STAMP)
 
@@ -52,10 +52,13 @@ runs/demo/traces/curated/state.json: | $(STAMP)
 sft: $(STAMP) runs/demo/student-init/config.json runs/demo/traces/curated/state.json
 	$(LAUNCH) sft --config $(or $(CONFIG),configs/sft.yaml) $(ARGS)
 
+eval: $(STAMP) runs/demo/teacher/config.json runs/demo/student-init/config.json
+	$(LAUNCH) eval --config $(or $(CONFIG),configs/eval.yaml) $(ARGS)
+
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)
 
-demo: generate sft
+demo: generate sft eval
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -10,7 +10,8 @@ from pipeline.config import ConfigError, load_config, parse_cli
 # stage name -> (module, config class); modules are imported only when their stage runs.
 STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
           "curate": ("pipeline.curate", "CurateStageConfig"),
-          "sft": ("pipeline.sft", "SFTStageConfig")}
+          "sft": ("pipeline.sft", "SFTStageConfig"),
+          "eval": ("pipeline.eval", "EvalConfig")}
 
 
 def run(argv: list[str]) -> None:

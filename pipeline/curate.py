@@ -26,14 +26,27 @@ ScorerName = Literal["math", "exact", "numeric", "choice", "regex"]
 
 
 @dataclass
-class CurateConfig:
-    # Scoring.
+class ScoringConfig:
+    """How answers are checked; shared by curation and the eval stage."""
+
     scorer: ScorerName | None = None  # unset: the prompt set's (set.yaml), else math
     answer_pattern: str | None = None  # regex scorer: group 1 of the last match is the answer
     numeric_tolerance: float = 1e-6  # numeric scorer: relative tolerance
     choices: str = "ABCDE"  # choice scorer: the option letters
     score_timeout: int = 5  # seconds per sample (math-verify's own timeout)
     score_workers: int = 2  # scoring processes (math-verify's timeout needs a process's main thread)
+
+    def __post_init__(self) -> None:
+        if self.scorer == "regex" and not self.answer_pattern:
+            raise ValueError("scorer regex needs answer_pattern (a regex whose group 1 is the answer)")
+        if self.answer_pattern:
+            re.compile(self.answer_pattern)
+        if self.score_workers < 1 or self.score_timeout < 1:
+            raise ValueError("score_workers and score_timeout must be at least 1")
+
+
+@dataclass
+class CurateConfig(ScoringConfig):
     # Filters, applied in this order; each one's in/out counts go to the report.
     decontaminate_against: list[str] = field(default_factory=list)  # prompt sets, "path" or "path:split" (test)
     decontamination_ngram: int = 8  # word n-grams; shorter prompts match only when identical
@@ -46,12 +59,9 @@ class CurateConfig:
     max_samples_per_prompt: int | None = None  # keep the first k (correct ones first) per prompt
 
     def __post_init__(self) -> None:
-        if self.scorer == "regex" and not self.answer_pattern:
-            raise ValueError("scorer regex needs answer_pattern (a regex whose group 1 is the answer)")
-        if self.answer_pattern:
-            re.compile(self.answer_pattern)
-        if self.score_workers < 1 or self.score_timeout < 1 or self.decontamination_ngram < 1:
-            raise ValueError("score_workers, score_timeout and decontamination_ngram must be at least 1")
+        super().__post_init__()
+        if self.decontamination_ngram < 1:
+            raise ValueError("decontamination_ngram must be at least 1")
 
 
 @dataclass
@@ -96,16 +106,10 @@ def curate_traces(dataset: Any, cfg: CurateConfig, scorer: str, out: Path, expor
 
 # ---------------------------------------------------------------------------- scoring
 
-def score_dataset(dataset: Any, cfg: CurateConfig, scorer: str) -> Any:
+def score_dataset(dataset: Any, cfg: ScoringConfig, scorer: str) -> Any:
     """Add extracted_answer, verdict and correct columns (correct is null without a reference)."""
-    from tqdm.auto import tqdm
-
-    jobs = [(scorer, scored_text(r), r["reference_answer"], _options(cfg))
-            for r in dataset.select_columns(["completion", "think_closed", "reference_answer"])]
-    # Spawned processes: math-verify's timeout is a signal, which works only in a main thread,
-    # and forking a process that runs vLLM's threads is unsafe.
-    with ProcessPoolExecutor(cfg.score_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(tqdm(pool.map(score_one, jobs, chunksize=64), total=len(jobs), desc="score", unit="sample"))
+    rows = dataset.select_columns(["completion", "think_closed", "reference_answer"])
+    results = score_texts([scored_text(r) for r in rows], [r["reference_answer"] for r in rows], cfg, scorer)
     for column in ("extracted_answer", "verdict", "correct"):
         if column in dataset.column_names:
             dataset = dataset.remove_columns(column)
@@ -114,13 +118,25 @@ def score_dataset(dataset: Any, cfg: CurateConfig, scorer: str) -> Any:
             .add_column("correct", [None if v == "no_reference" else v == "correct" for v, _ in results]))
 
 
+def score_texts(texts: list[str], references: list[str | None], cfg: ScoringConfig,
+                scorer: str) -> list[tuple[Verdict, str | None]]:
+    """(verdict, extracted answer) per text, scored in spawned processes: math-verify's timeout
+    is a signal, which works only in a main thread, and forking a process that runs vLLM's
+    threads is unsafe."""
+    from tqdm.auto import tqdm
+
+    jobs = [(scorer, text, reference, _options(cfg)) for text, reference in zip(texts, references)]
+    with ProcessPoolExecutor(cfg.score_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(score_one, jobs, chunksize=64), total=len(jobs), desc="score", unit="sample"))
+
+
 def scored_text(row: dict[str, Any]) -> str:
     """The part of a completion that holds the answer: after the think block when it closed."""
     text = row["completion"][0]["content"]
     return text.rsplit("</think>", 1)[-1] if row["think_closed"] else text
 
 
-def _options(cfg: CurateConfig) -> dict[str, Any]:
+def _options(cfg: ScoringConfig) -> dict[str, Any]:
     return {"pattern": cfg.answer_pattern, "tolerance": cfg.numeric_tolerance,
             "choices": cfg.choices, "timeout": cfg.score_timeout}
 

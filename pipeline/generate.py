@@ -36,11 +36,9 @@ CONFIG_FILE = "config.yaml"
 
 
 @dataclass
-class GenerateConfig(CurateConfig, PromptSource):
-    output_dir: str = "runs/demo/traces"
-    overwrite: bool = False  # replace an output_dir made with a different config
-    # Teacher engine (vLLM).
-    model: str = "runs/demo/teacher"  # local path or hub id
+class EngineConfig:
+    """vLLM engine keys; shared by the generate and eval stages."""
+
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = None  # unset: the model's own
     tensor_parallel_size: int = 1
@@ -49,6 +47,13 @@ class GenerateConfig(CurateConfig, PromptSource):
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool | None = None  # unset: vLLM's choice on GPU, off on CPU (see build_engine)
     enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
+
+
+@dataclass
+class GenerateConfig(CurateConfig, EngineConfig, PromptSource):
+    output_dir: str = "runs/demo/traces"
+    overwrite: bool = False  # replace an output_dir made with a different config
+    model: str = "runs/demo/teacher"  # teacher: local path or hub id
     # Sampling: every prompt is sampled num_samples times at each temperature.
     temperatures: list[float] = field(default_factory=lambda: [0.6])
     num_samples: int = 4
@@ -70,17 +75,24 @@ class GenerateConfig(CurateConfig, PromptSource):
     def __post_init__(self) -> None:
         CurateConfig.__post_init__(self)
         PromptSource.__post_init__(self)
+        check_sampling(self)
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (0: off), got {self.logprobs}")
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
         if len(set(self.temperatures)) != len(self.temperatures):
             raise ValueError(f"temperatures has a repeated value: {self.temperatures}")
-        for key in ("num_samples", "max_tokens", "shard_size", "tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+
+
+def check_sampling(cfg: Any) -> None:
+    """Checks shared by the configs that sample (generate, eval)."""
+    for key in ("num_samples", "max_tokens", "tensor_parallel_size", "data_parallel_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
 
 
 def main(cfg: GenerateConfig) -> Any:
