@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_sft_step.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf runs

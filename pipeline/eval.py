@@ -43,7 +43,6 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
     seed: int = 0
     think_start: str = "<think>"
     think_end: str = "</think>"
-    batch_size: int = 8  # transformers backend: prompts per generate call
 
     def __post_init__(self) -> None:
         ScoringConfig.__post_init__(self)
