@@ -52,7 +52,10 @@ runs/demo/traces/curated/state.json: | $(STAMP)
 sft: $(STAMP) runs/demo/student-init/config.json runs/demo/traces/curated/state.json
 	$(LAUNCH) sft --config $(or $(CONFIG),configs/sft.yaml) $(ARGS)
 
-eval: $(STAMP) runs/demo/teacher/config.json runs/demo/student-init/config.json
+runs/demo/student/model.safetensors: | $(STAMP)
+	$(MAKE) sft
+
+eval: $(STAMP) runs/demo/teacher/config.json runs/demo/student-init/config.json runs/demo/student/model.safetensors
 	$(LAUNCH) eval --config $(or $(CONFIG),configs/eval.yaml) $(ARGS)
 
 curate: $(STAMP)

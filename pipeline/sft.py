@@ -114,10 +114,8 @@ def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
     if (path / "curated").is_dir():
         path = path / "curated"
     if path.is_dir():
-        if _saved_empty(path):  # datasets 5.2 cannot load a dataset saved with no rows
-            raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
-                             "see curation.json beside it)")
-        data = datasets.load_from_disk(str(path))
+        # datasets 5.2 cannot load a dataset that was saved with no rows
+        data = None if _saved_empty(path) else datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
     elif path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
@@ -125,15 +123,15 @@ def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
                                 "save_to_disk, or a hub id like owner/name)")
     else:
         data = datasets.load_dataset(source, split=split)
+    if data is None or len(data) == 0:
+        raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
+                         "see curation.json beside it)")
     needed = ["prompt", "completion"] + (list(TEACHER_COLUMNS) if offline_kd else [])
     missing = [c for c in needed if c not in data.column_names]
     if missing:
         hint = " (offline KD needs traces generated with logprobs: k)" if offline_kd else ""
         raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
                          f"columns present: {', '.join(data.column_names)}")
-    if len(data) == 0:
-        raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
-                         "see curation.json beside it)")
     keep = needed + ["prompt_id"] * ("prompt_id" in data.column_names)
     return data.select_columns(keep)
 
