@@ -10,13 +10,12 @@ CPU; several repetitions, medians quoted.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from _common import machine, save
 from pipeline.eval import EvalConfig, _sample_transformers
 from pipeline.generate import GenerateConfig, build_engine, generate
 from pipeline.prompts import load_prompts
@@ -64,17 +63,16 @@ def main() -> None:
 
     result = {
         "benchmark": "eval sampling tokens/s: vLLM backend / transformers backend",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "setup": {"model": "random Qwen2, hidden 256, 4 layers, float32", "prompts": args.prompts, "k": args.k,
                   "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": args.max_tokens},
         "vllm_engine_start_s": vllm_start_s,
         "reps": rows,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
     print(f"\nmedian vLLM / transformers: {result['median_ratio']:.1f} (vLLM engine start {vllm_start_s:.0f} s, "
-          f"not counted)\nwritten to {args.out}")
+          f"not counted)")
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from _common import machine, save
 from pipeline.generate import GenerateConfig, build_engine, generate, render
 from pipeline.prompts import load_prompts
 from pipeline.tiny import build_model
@@ -95,7 +95,7 @@ def main() -> None:
 
     result = {
         "benchmark": "generate stage tokens/s / plain vllm.LLM.generate tokens/s",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "setup": {"prompts": args.prompts, "temperatures": cfg.temperatures, "num_samples": cfg.num_samples,
                   "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "model": model},
         "reps": rows,
@@ -104,11 +104,9 @@ def main() -> None:
         "median_stage_tok_s": statistics.median(r["stage_tok_s"] for r in rows),
         "logprobs": logprobs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
     print(f"\nmedian ratio (stage / plain): {result['median_ratio']:.3f}  "
           f"[plain {result['median_plain_tok_s']:.0f} tok/s, stage {result['median_stage_tok_s']:.0f} tok/s]")
-    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from _common import machine, save
 from pipeline.config import load_config
 from pipeline.sft import SFTStageConfig, build_trainer
 from pipeline.tiny import build_model
@@ -103,17 +103,16 @@ def main() -> None:
 
     result = {
         "benchmark": "median step time: sft stage / plain TRL SFTTrainer, and KD / SFT",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.platform()}",
+        "machine": machine(),
         "setup": {"student_hidden": args.hidden, "teacher_hidden": 2 * args.hidden, "layers": 4,
                   "batch": 8, "max_length": probe.max_length, "steps": args.steps, "warmup_steps": WARMUP},
         "reps": rows,
         "median_sft_ratio": statistics.median(r["sft_ratio"] for r in rows),
         "median_kd_over_sft": statistics.median(r["kd_over_sft"] for r in rows),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
     print(f"\nmedian SFT step ratio (stage / plain TRL): {result['median_sft_ratio']:.3f}; "
-          f"KD / SFT: {result['median_kd_over_sft']:.2f}\nwritten to {args.out}")
+          f"KD / SFT: {result['median_kd_over_sft']:.2f}")
 
 
 if __name__ == "__main__":

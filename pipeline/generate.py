@@ -299,7 +299,6 @@ def _key(unit: Any) -> tuple[str, float, int]:
 
 def _write_shard(shards: Path, records: list[dict[str, Any]]) -> None:
     """Write a shard under a temporary name and rename it: a kill never leaves half a shard."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     shards.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ every sample ends in the student's EOS and the EOS carries loss, no sample is cu
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

@@ -178,7 +178,7 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     ds = ds.with_format("numpy")
     vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
     for row in ds:
-        ids, logprobs, sampled = row["topk_ids"], row["topk_logprobs"], row["token_logprobs"]
+        ids, logprobs = row["topk_ids"], row["topk_logprobs"]
         assert ids.shape == logprobs.shape == (row["completion_tokens"], k)
         assert row["logprobs_mode"] == "raw_logprobs"
         assert ((0 <= ids) & (ids < vocab)).all()
