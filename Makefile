@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
-# A tiny random teacher for the demo configs (replaced by a trained one in the demo).
+# A tiny random teacher for the demo configs.
 runs/demo/teacher/config.json: | $(STAMP)
 	$(PY) -m pipeline.tiny runs/demo/teacher
 

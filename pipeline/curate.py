@@ -130,10 +130,10 @@ def score_texts(texts: list[str], references: list[str | None], cfg: ScoringConf
         return list(tqdm(pool.map(score_one, jobs, chunksize=64), total=len(jobs), desc="score", unit="sample"))
 
 
-def scored_text(row: dict[str, Any]) -> str:
+def scored_text(row: dict[str, Any], think_end: str = "</think>") -> str:
     """The part of a completion that holds the answer: after the think block when it closed."""
     text = row["completion"][0]["content"]
-    return text.rsplit("</think>", 1)[-1] if row["think_closed"] else text
+    return text.rsplit(think_end, 1)[-1] if row["think_closed"] else text
 
 
 def _options(cfg: ScoringConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import config_to_dict, save_config
-from pipeline.curate import ScoringConfig, score_texts
+from pipeline.curate import ScoringConfig, score_texts, scored_text
 from pipeline.generate import (EngineConfig, GenerateConfig, build_engine, chat_prompt, check_sampling, generate,
                                render, sample_seed, save_dataset, split_think)
 from pipeline.prompts import PromptSource, load_prompts
@@ -80,8 +80,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         return {}
 
     scorer = cfg.scorer or prompt_set.scorer or "math"
-    texts = [r["completion"][0]["content"].rsplit(cfg.think_end, 1)[-1] if r["think_closed"]
-             else r["completion"][0]["content"] for r in samples]
+    texts = [scored_text(r, cfg.think_end) for r in samples]
     for r, (verdict, extracted) in zip(samples, score_texts(texts, [r["reference_answer"] for r in samples], cfg, scorer)):
         r.update(verdict=verdict, extracted_answer=extracted, correct=verdict == "correct")
     (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
@@ -130,11 +129,9 @@ def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
 
 def _sample_vllm(cfg: EvalConfig, path: str, out: Path) -> list[dict[str, Any]]:
     """The generate stage, curation off: seeded per sample, resumable, skips over-long prompts."""
-    engine_and_prompts = {k: v for k, v in config_to_dict(cfg).items()
-                          if k in {f for f in GenerateConfig.__dataclass_fields__} and k not in ("output_dir", "seed")}
-    gen = GenerateConfig(**{**engine_and_prompts, "model": path, "output_dir": str(out),
-                            "temperatures": [cfg.temperature], "num_samples": cfg.num_samples, "seed": cfg.seed,
-                            "think_start": cfg.think_start, "think_end": cfg.think_end, "curate": False, "export": []})
+    shared = {k: v for k, v in config_to_dict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
+    gen = GenerateConfig(**{**shared, "model": path, "output_dir": str(out), "temperatures": [cfg.temperature],
+                            "curate": False, "export": []})
     llm = build_engine(gen)
     try:
         return generate(gen, llm).to_list()

@@ -367,11 +367,12 @@ def save_dataset(dataset: Any, path: Path, export: list[str] = ()) -> None:
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
-    rows = dataset.data.table.to_pylist() if {"jsonl", "messages"} & set(export) else []
+    table = dataset.with_format("arrow")[:]  # the selected rows (curation selects by index)
+    rows = table.to_pylist() if {"jsonl", "messages"} & set(export) else []
     if "jsonl" in export:
         _write_jsonl(path.with_name(path.name + ".jsonl"), rows)
     if "parquet" in export:
-        pq.write_table(dataset.data.table, path.with_name(path.name + ".parquet.tmp"))
+        pq.write_table(table, path.with_name(path.name + ".parquet.tmp"))
         os.replace(path.with_name(path.name + ".parquet.tmp"), path.with_name(path.name + ".parquet"))
     if "messages" in export:  # open-r1 style: one `messages` list per sample
         _write_jsonl(path.with_name(path.name + ".messages.jsonl"), [

@@ -74,6 +74,8 @@ def test_sweep_rows_columns_ids_and_files(tmp_path: Path, tiny_qwen: Path, llm) 
     assert report["filters"][0]["filter"] == "drop_truncated"
     assert report["filters"][0]["in"] - report["filters"][0]["out"] == ds["finish_reason"].count("length")
     assert len(datasets.load_from_disk(str(out / "curated"))) == report["samples_out"]
+    assert len((out / "curated.jsonl").read_text().splitlines()) == report["samples_out"]
+    assert datasets.Dataset.from_parquet(str(out / "curated.parquet")).num_rows == report["samples_out"]
 
 
 def test_samples_differ_and_the_same_seed_reproduces(tmp_path: Path, tiny_qwen: Path, llm) -> None:
