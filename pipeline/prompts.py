@@ -7,7 +7,7 @@ Every problem with the input is reported with the file and the row or column it 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Prompt:
     answer: str | None  # the reference answer, when the set has one
     system: str | None = None
     problem: str = ""  # the prompt before the template (what decontamination compares)
+    row: dict[str, Any] = field(default_factory=dict, repr=False)  # the source row, every column
 
 
 @dataclass
@@ -107,6 +108,7 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
             answer=None if answer is None else str(answer),
             system=system,
             problem=text,
+            row=row,
         ))
     return PromptSet(source=source, prompts=prompts[: src.max_prompts], scorer=scorer)
 

@@ -30,7 +30,7 @@ from pipeline.tiny import CHATML_TEMPLATE
 class SFTStageConfig(SFTConfig):
     """Every SFTConfig / TrainingArguments field, plus the keys below."""
 
-    output_dir: str = "runs/demo/student"
+    output_dir: str = "runs/demo/student-sft"
     max_length: int | None = None  # unset: the longest sample (TRL's 1024 would cut long traces silently)
     report_to: str | list[str] | None = "none"
     # Data and models.

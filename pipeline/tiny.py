@@ -4,7 +4,7 @@ The tokenizer is byte-level with no merges (any text encodes, nothing to train),
 ChatML special tokens and <think>/</think>. Models are random Qwen2 or Llama with head size
 64, the smallest head vLLM's CPU attention kernel accepts.
 
-    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2]
+    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2] [--intermediate N]
 """
 
 from __future__ import annotations
@@ -87,5 +87,6 @@ if __name__ == "__main__":
     parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 x hidden)")
     args = parser.parse_args()
-    print(build_model(args.out_dir, args.arch, args.hidden, args.layers))
+    print(build_model(args.out_dir, args.arch, args.hidden, args.layers, args.intermediate))

@@ -21,12 +21,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name,split,count", [("arithmetic", "train", 2000), ("arithmetic", "test", 200),
-                                              ("word_problems", "test", 30)])
-def test_shipped_sets_load_with_answers(name: str, split: str, count: int) -> None:
+@pytest.mark.parametrize("name,split,count,ending", [("arithmetic", "train", 5000, "?"), ("arithmetic", "test", 200, "?"),
+                                                     ("word_problems", "test", 30, "within \\boxed{}.")])
+def test_shipped_sets_load_with_answers(name: str, split: str, count: int, ending: str) -> None:
     ps = load_prompts(PromptSource(prompt_set=str(ROOT / "prompts" / name), split=split), require_answers=True)
     assert len(ps.prompts) == count and ps.scorer == "math"
-    assert all(p.text.endswith("within \\boxed{}.") and p.answer for p in ps.prompts)
+    assert all(p.text.endswith(ending) and p.answer for p in ps.prompts)
 
 
 def test_arithmetic_splits_are_disjoint_and_made_by_the_script(tmp_path: Path) -> None:

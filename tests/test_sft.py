@@ -24,7 +24,7 @@ def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
                     "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
                     "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
-                    "--decontaminate_against", "[]"],
+                    "--decontaminate_against", "[]", "--keep_correct_only", "false"],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out
 
@@ -32,7 +32,10 @@ def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sft_config(tmp_path: Path, student: Path, traces: Path, **overrides) -> SFTStageConfig:
     values = {**yaml.safe_load((ROOT / "configs/sft.yaml").read_text()),
               "output_dir": str(tmp_path / "student"), "model": str(student), "dataset": str(traces),
-              "logging_steps": 1, "save_steps": 2, "seed": 0, "data_seed": 0}
+              "logging_steps": 1, "save_steps": 2, "seed": 0, "data_seed": 0,
+              # a few steps on 64 samples: no step budget or warmup from the demo config
+              "max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 8,
+              "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_steps": 0}
     return load_config(SFTStageConfig, None, {**values, **overrides})
 
 

@@ -1,19 +1,26 @@
-"""Generate the `arithmetic` prompt set: multi-digit +, - and * problems.
+"""Generate the `arithmetic` prompt set: 3-digit addition and subtraction, worked by columns.
 
-Writes `train.jsonl` and `test.jsonl` next to this script (or under --out).
-Each row is {"id", "question", "answer", "solution"}:
+Writes `train.jsonl` and `test.jsonl` next to this script (or under --out). Each row is
+{"id", "question", "answer", "solution"}; `solution` is a DeepSeek-R1 style completion that
+the demo teacher (`make teacher`) is trained on:
 
-- addition and subtraction of 2-4 digit numbers (subtraction never goes below 0),
-- multiplication of a 2-3 digit number by a 1-digit number (2-9).
+    <think>
+    7+9+0=16
+    8+5+1=14
+    6+4+1=11
+    Digits: 1146
+    </think>
+    The answer is \\boxed{1146}.
 
-The `solution` is a short worked answer a tiny model can imitate: column by
-column (with carries / borrows) for + and -, partial products for *. It always
-ends with "So the answer is \\boxed{N}." and is checked against `answer`
-before anything is written. Output is deterministic for a given --seed, and
-no problem (same operator and operands, + taken as commutative) is in both
+Each line is one column, from the right: top+bottom+carry, written with two digits (the
+first is the next carry). Subtraction (never below 0) writes 10+top-bottom-borrow, so a
+first digit 0 means a borrow. Every line of a kind has the same width, so a digit of the question or of an
+earlier line is always the same number of tokens away: a model of a million parameters
+learns the algorithm in minutes on a CPU. Output is deterministic for a given --seed, every
+solution is checked against its answer, and no problem (+ taken as commutative) is in both
 splits.
 
-    python prompts/arithmetic/make.py [--seed 0] [--train 2000] [--test 200] [--out DIR]
+    python prompts/arithmetic/make.py [--seed 0] [--train 5000] [--test 200] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,25 +31,14 @@ import random
 import re
 from pathlib import Path
 
-Problem = tuple[int, str, int]  # (a, op, b) with op in "+-*"
+Problem = tuple[int, str, int]  # (a, op, b) with op in "+-"
 
-OPS = ("+", "-", "*")
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
-def random_operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
-    """A number whose digit count is uniform in [min_digits, max_digits]."""
-    n = rng.randint(min_digits, max_digits)
-    return rng.randint(10 ** (n - 1), 10**n - 1)
-
-
-def random_problem(rng: random.Random, op: str) -> Problem:
-    if op == "*":
-        return random_operand(rng, 2, 3), op, rng.randint(2, 9)
-    a, b = random_operand(rng, 2, 4), random_operand(rng, 2, 4)
-    if op == "-" and a < b:
-        a, b = b, a
-    return a, op, b
+def random_problem(rng: random.Random) -> Problem:
+    op, a, b = rng.choice("+-"), rng.randint(100, 999), rng.randint(100, 999)
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
 
 
 def problem_key(p: Problem) -> Problem:
@@ -53,7 +49,7 @@ def problem_key(p: Problem) -> Problem:
 
 def compute(p: Problem) -> int:
     a, op, b = p
-    return a + b if op == "+" else a - b if op == "-" else a * b
+    return a + b if op == "+" else a - b
 
 
 def question(p: Problem) -> str:
@@ -61,81 +57,29 @@ def question(p: Problem) -> str:
     return f"What is {a} {op} {b}?"
 
 
-def digits_right_to_left(n: int, width: int) -> list[int]:
-    return [int(c) for c in reversed(str(n).zfill(width))]
-
-
-def solve_add(a: int, b: int) -> tuple[list[str], int]:
-    """Column-by-column addition; returns the steps and the number the written digits spell."""
-    width = max(len(str(a)), len(str(b)))
-    steps, written, carry = [], "", 0
-    for da, db in zip(digits_right_to_left(a, width), digits_right_to_left(b, width)):
-        s = da + db + carry
-        expr = f"{da}+{db}" + (f"+{carry}" if carry else "")
-        carry = s // 10
-        written = str(s % 10) + written
-        steps.append(f"{expr}={s}, write {s % 10}" + (" carry 1." if carry else "."))
-    if carry:
-        written = "1" + written
-        steps.append("Write the final carry 1.")
-    return steps, int(written)
-
-
-def solve_sub(a: int, b: int) -> tuple[list[str], int]:
-    """Column-by-column subtraction (a >= b); returns the steps and the written result."""
-    width = len(str(a))
-    steps, written, borrow = [], "", 0
-    for da, db in zip(digits_right_to_left(a, width), digits_right_to_left(b, width)):
-        expr = f"{da}-{db}" + ("-1" if borrow else "")
-        r = da - db - borrow
-        if r >= 0:
-            steps.append(f"{expr}={r}, write {r}.")
-            borrow = 0
-        else:
-            r += 10
-            steps.append(f"{expr} is negative, borrow 1: 1{expr}={r}, write {r} borrow 1.")
-            borrow = 1
-        written = str(r) + written
-    if borrow:
-        raise ValueError(f"{a} - {b} would be negative")
-    return steps, int(written)
-
-
-def solve_mul(a: int, b: int) -> tuple[list[str], int]:
-    """Partial products by place value; returns the steps and the running total."""
-    s = str(a)
-    parts = [int(c) * 10 ** (len(s) - i - 1) for i, c in enumerate(s) if c != "0"]
-    steps = [f"{a} * {b} = " + " + ".join(f"{p}*{b}" for p in parts) + "."]
-    steps += [f"{p}*{b}={p * b}." for p in parts]
-    total = parts[0] * b
-    for p in parts[1:]:
-        steps.append(f"{total}+{p * b}={total + p * b}.")
-        total += p * b
-    return steps, total
-
-
 def solution(p: Problem) -> str:
-    """Worked solution; the boxed value is what the steps produce, not compute(p)."""
+    """The worked completion; the boxed value is what the columns spell, not compute(p)."""
     a, op, b = p
+    lines, digits, carry = [], "", 0
+    for x, y in zip(map(int, reversed(str(a))), map(int, reversed(str(b)))):
+        if op == "+":
+            s = x + y + carry
+            lines.append(f"{x}+{y}+{carry}={s:02d}")
+            carry = s // 10
+        else:
+            s = 10 + x - y - carry
+            lines.append(f"10+{x}-{y}-{carry}={s:02d}")
+            carry = 1 - s // 10  # the borrow
+        digits = str(s % 10) + digits
     if op == "+":
-        intro, (steps, result) = "Add column by column from the right.", solve_add(a, b)
-    elif op == "-":
-        intro, (steps, result) = "Subtract column by column from the right.", solve_sub(a, b)
-    else:
-        intro, (steps, result) = f"Multiply each place value by {b} and add.", solve_mul(a, b)
-    return " ".join([intro, *steps]) + f" So the answer is \\boxed{{{result}}}."
+        digits = str(carry) + digits
+    return "\n".join(["<think>", *lines, f"Digits: {digits}", "</think>",
+                      f"The answer is \\boxed{{{int(digits)}}}."])
 
 
 def make_rows(problems: list[Problem], split: str) -> list[dict[str, str]]:
-    return [
-        {
-            "id": f"arith-{split}-{i:05d}",
-            "question": question(p),
-            "answer": str(compute(p)),
-            "solution": solution(p),
-        }
-        for i, p in enumerate(problems)
-    ]
+    return [{"id": f"arith-{split}-{i:05d}", "question": question(p), "answer": str(compute(p)),
+             "solution": solution(p)} for i, p in enumerate(problems)]
 
 
 def check_rows(rows: list[dict[str, str]]) -> None:
@@ -155,16 +99,10 @@ def generate(seed: int, n_train: int, n_test: int) -> tuple[list[Problem], list[
     seen: set[Problem] = set()
     problems: list[Problem] = []
     while len(problems) < n_train + n_test:
-        op = rng.choice(OPS)  # redraw operands, not the operator, on a repeat: keeps ops balanced
-        p = random_problem(rng, op)
-        for _ in range(100_000):
-            if problem_key(p) not in seen:
-                break
-            p = random_problem(rng, op)
-        else:
-            raise ValueError(f"ran out of distinct {op!r} problems; ask for fewer rows")
-        seen.add(problem_key(p))
-        problems.append(p)
+        p = random_problem(rng)
+        if problem_key(p) not in seen:
+            seen.add(problem_key(p))
+            problems.append(p)
     return problems[n_test:], problems[:n_test]
 
 
@@ -177,7 +115,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=2000, help="number of train rows")
+    parser.add_argument("--train", type=int, default=5000, help="number of train rows")
     parser.add_argument("--test", type=int, default=200, help="number of test rows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()

@@ -1,0 +1,77 @@
+"""The embedded demo: the shipped teacher, `make teacher`'s data, and a reduced `make demo`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import STUDENT, TEACHER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parameters(path: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).num_parameters()
+
+
+def test_shipped_teacher_is_a_small_qwen2_four_times_the_student(tmp_path: Path) -> None:
+    from pipeline.tiny import build_model
+
+    teacher = ROOT / TEACHER
+    assert json.loads((teacher / "config.json").read_text())["model_type"] == "qwen2"
+    assert sum(f.stat().st_size for f in teacher.iterdir()) <= 10 * 2**20
+    student = build_model(tmp_path / "student", "qwen2", **STUDENT)
+    assert parameters(student) <= parameters(teacher) / 4
+
+
+def test_teacher_trains_on_the_solutions_as_the_pipeline_renders_the_prompts(tmp_path: Path) -> None:
+    import datasets
+
+    from pipeline.config import load_config
+    from pipeline.generate import chat_prompt
+    from pipeline.prompts import PromptSource, load_prompts
+    from pipeline.teacher import TeacherConfig, main
+
+    values = {"output_dir": tmp_path / "model", "model": tmp_path / "init", "dataset": tmp_path / "solutions",
+              "max_prompts": 8, "max_steps": 2, "hidden_size": 64, "num_layers": 1, "save_strategy": "no"}
+    cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {k: str(v) for k, v in values.items()})
+    main(cfg)
+    records = datasets.load_from_disk(str(tmp_path / "solutions"))
+    prompts = load_prompts(PromptSource(prompt_set=str(ROOT / "prompts/arithmetic"), split="train", max_prompts=8))
+    assert records["prompt"] == [chat_prompt(p) for p in prompts.prompts]
+    first = json.loads((ROOT / "prompts/arithmetic/train.jsonl").open().readline())
+    assert records[0]["completion"][0]["content"] == first["solution"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_teacher_names_the_row_without_a_solution(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.teacher import TeacherConfig, main
+
+    (tmp_path / "p.jsonl").write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
+    cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {
+        "prompt_set": str(tmp_path / "p.jsonl"), "output_dir": str(tmp_path / "model"),
+        "model": str(tmp_path / "init"), "dataset": str(tmp_path / "solutions"), "hidden_size": "64"})
+    with pytest.raises(ValueError, match="prompt q1: no 'solution' text"):
+        main(cfg)
+
+
+@pytest.mark.slow
+def test_reduced_demo_distilled_student_beats_the_untrained_one(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--out", str(out), "--quick"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = json.loads((out / "eval" / "report.json").read_text())["models"]
+    assert models["teacher"]["pass@1"] >= 0.9, models
+    assert models["student-sft"]["pass@1"] >= models["untrained"]["pass@1"] + 0.25, models
+    curation = json.loads((out / "traces" / "curation.json").read_text())
+    assert 0 < curation["samples_out"] < curation["samples_in"], "the traces were verified and filtered"
+    for path in ("eval/report.md", "eval/accuracy.png", "timings.json"):
+        assert (out / path).is_file() and str(out / path) in result.stdout
