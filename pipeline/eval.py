@@ -266,10 +266,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
               [report["models"][n]["pass@1_ci95"][1] - m for n, m in zip(names, means)]]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     ax.bar(names, means, yerr=errors, capsize=6, color="#4C72B0")
-    for i, m in enumerate(means):
-        ax.text(i, m + 0.02, f"{m:.2f}", ha="center")
+    for i, (m, above) in enumerate(zip(means, errors[1])):
+        ax.text(i, m + above + 0.02, f"{m:.2f}", ha="center")  # above the interval's cap
     p = report["protocol"]
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel(f"pass@1 (mean of k={p['k']}), 95% CI")
     ax.set_title(f"{Path(p['prompts']).parent.name or p['prompts']} {p['split']}: T={p['temperature']}")
     fig.tight_layout()

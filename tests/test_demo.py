@@ -70,7 +70,7 @@ def test_reduced_demo_distilled_student_beats_the_untrained_one(tmp_path: Path) 
     assert result.returncode == 0, result.stderr[-3000:]
     models = json.loads((out / "eval" / "report.json").read_text())["models"]
     assert models["teacher"]["pass@1"] >= 0.9, models
-    assert models["student-sft"]["pass@1"] >= models["untrained"]["pass@1"] + 0.25, models
+    assert models["student-sft"]["pass@1"] >= models["untrained"]["pass@1"] + 0.2, models
     curation = json.loads((out / "traces" / "curation.json").read_text())
     assert 0 < curation["samples_out"] < curation["samples_in"], "the traces were verified and filtered"
     for path in ("eval/report.md", "eval/accuracy.png", "timings.json"):
