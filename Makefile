@@ -40,7 +40,7 @@ generate: $(STAMP)
 
 # Inputs of the demo's sft stage, made on first use: the random student, and traces from `make generate`.
 runs/demo/student-init/config.json: | $(STAMP)
-	$(PY) -m pipeline.tiny runs/demo/student-init --hidden 64 --layers 3 --intermediate 256
+	$(PY) -m pipeline.tiny runs/demo/student-init --arch llama --hidden 64 --layers 3 --intermediate 256 --heads 2
 
 runs/demo/traces/curated/state.json: | $(STAMP)
 	$(MAKE) generate

@@ -4,7 +4,7 @@ The tokenizer is byte-level with no merges (any text encodes, nothing to train),
 ChatML special tokens and <think>/</think>. Models are random Qwen2 or Llama with head size
 64, the smallest head vLLM's CPU attention kernel accepts.
 
-    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2] [--intermediate N]
+    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2] [--intermediate N] [--heads N]
 """
 
 from __future__ import annotations
@@ -46,15 +46,20 @@ def build_tokenizer():
 
 def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                 intermediate_size: int | None = None, max_position_embeddings: int = 4096,
-                seed: int = 0) -> Path:
-    """Save a random `arch` model and the tiny tokenizer to `out_dir`; return the path."""
+                seed: int = 0, num_heads: int | None = None) -> Path:
+    """Save a random `arch` model and the tiny tokenizer to `out_dir`; return the path.
+    Heads are hidden_size / 64 unless num_heads is given (llama only: vLLM's Qwen2 derives
+    the head size from hidden_size / heads, Llama reads it from the config)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    if hidden_size % HEAD_DIM:
-        raise ValueError(f"hidden_size must be a multiple of {HEAD_DIM} (head size), got {hidden_size}")
+    heads = num_heads or hidden_size // HEAD_DIM
+    if heads * HEAD_DIM != hidden_size and arch != "llama":
+        raise ValueError(f"{arch}: hidden_size must be heads x {HEAD_DIM} (head size), got {hidden_size} with "
+                         f"{heads} heads; arch llama takes any number of heads")
+    if heads < 1:
+        raise ValueError(f"hidden_size must be at least {HEAD_DIM}, got {hidden_size}")
     tokenizer = build_tokenizer()
-    heads = hidden_size // HEAD_DIM
     common = dict(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real checkpoints
         hidden_size=hidden_size,
@@ -88,5 +93,6 @@ if __name__ == "__main__":
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 x hidden)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads of size 64 (default hidden / 64)")
     args = parser.parse_args()
-    print(build_model(args.out_dir, args.arch, args.hidden, args.layers, args.intermediate))
+    print(build_model(args.out_dir, args.arch, args.hidden, args.layers, args.intermediate, num_heads=args.heads))

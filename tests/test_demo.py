@@ -26,7 +26,7 @@ def test_shipped_teacher_is_a_small_qwen2_four_times_the_student(tmp_path: Path)
     teacher = ROOT / TEACHER
     assert json.loads((teacher / "config.json").read_text())["model_type"] == "qwen2"
     assert sum(f.stat().st_size for f in teacher.iterdir()) <= 10 * 2**20
-    student = build_model(tmp_path / "student", "qwen2", **STUDENT)
+    student = build_model(tmp_path / "student", **STUDENT)
     assert parameters(student) <= parameters(teacher) / 4
 
 
