@@ -11,7 +11,6 @@ warm-up; runs alternate for several repetitions and medians are quoted.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,7 +20,9 @@ from transformers import TrainerCallback
 
 from _common import machine, save
 from pipeline.config import load_config
+from pipeline.prompts import PromptSource
 from pipeline.sft import SFTStageConfig, build_trainer
+from pipeline.teacher import solution_records
 from pipeline.tiny import build_model
 
 WARMUP = 2
@@ -42,11 +43,8 @@ def arithmetic_traces(path: Path, samples: int) -> Path:
     """Prompt-completion traces from the arithmetic set's worked solutions (no vLLM needed)."""
     import datasets
 
-    rows = [json.loads(line) for line in Path("prompts/arithmetic/train.jsonl").open()][:samples]
-    datasets.Dataset.from_list([{
-        "prompt": [{"role": "user", "content": r["question"]}],
-        "completion": [{"role": "assistant", "content": r["solution"]}],
-    } for r in rows]).save_to_disk(str(path))
+    source = PromptSource(prompt_set="prompts/arithmetic", split="train", max_prompts=samples)
+    datasets.Dataset.from_list(solution_records(source, "solution")).save_to_disk(str(path))
     return path
 
 

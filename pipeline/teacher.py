@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import ConfigError, load_config, parse_cli
 from pipeline.generate import chat_prompt
@@ -49,13 +50,7 @@ def main(cfg: TeacherConfig) -> Path:
 
     if not Path(cfg.model, "config.json").is_file():
         build_model(cfg.model, "qwen2", cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, seed=cfg.init_seed)
-    records = []
-    for p in load_prompts(cfg).prompts:
-        if not isinstance(p.row.get(cfg.solution_column), str):
-            raise ValueError(f"{cfg.prompt_set} ({cfg.split}), prompt {p.id}: no {cfg.solution_column!r} text; "
-                             "the teacher trains on each row's worked solution (set solution_column)")
-        records.append({"prompt": chat_prompt(p),
-                        "completion": [{"role": "assistant", "content": p.row[cfg.solution_column]}]})
+    records = solution_records(cfg, cfg.solution_column)
     datasets.Dataset.from_list(records).save_to_disk(cfg.dataset)
     out = sft_main(cfg)
     (out / "README.md").write_text(
@@ -64,6 +59,18 @@ def main(cfg: TeacherConfig) -> Path:
         f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} rows): `python -m pipeline.teacher` "
         f"(`make teacher`), every key in `stage_config.yaml` beside this card.\n")
     return out
+
+
+def solution_records(src: PromptSource, column: str) -> list[dict[str, Any]]:
+    """Prompt-completion records: each prompt rendered as generate and eval render it, and its
+    row's worked solution as the completion."""
+    records = []
+    for p in load_prompts(src).prompts:
+        if not isinstance(p.row.get(column), str):
+            raise ValueError(f"{src.prompt_set} ({src.split}), prompt {p.id}: no {column!r} text; "
+                             "the teacher trains on each row's worked solution (set solution_column)")
+        records.append({"prompt": chat_prompt(p), "completion": [{"role": "assistant", "content": p.row[column]}]})
+    return records
 
 
 if __name__ == "__main__":

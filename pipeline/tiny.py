@@ -54,11 +54,11 @@ def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     heads = num_heads or hidden_size // HEAD_DIM
+    if heads < 1:
+        raise ValueError(f"hidden_size must be at least {HEAD_DIM} (head size), got {hidden_size}")
     if heads * HEAD_DIM != hidden_size and arch != "llama":
         raise ValueError(f"{arch}: hidden_size must be heads x {HEAD_DIM} (head size), got {hidden_size} with "
                          f"{heads} heads; arch llama takes any number of heads")
-    if heads < 1:
-        raise ValueError(f"hidden_size must be at least {HEAD_DIM}, got {hidden_size}")
     tokenizer = build_tokenizer()
     common = dict(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real checkpoints
