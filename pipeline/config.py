@@ -37,6 +37,9 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+CLI = "the command line"
+
+
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message says which and what to do."""
 
@@ -84,7 +87,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         value = parse_yaml(raw) if isinstance(raw, str) else raw
         if isinstance(raw, str) and not isinstance(value, (bool, int, float, list, dict, type(None))):
             value = raw  # keep strings verbatim (yaml would eat a leading '#', strip quotes, ...)
-        values.update(_checked(cls, {key: value}, source="the command line"))
+        values.update(_checked(cls, {key: value}, source=CLI))
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -103,7 +106,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(v):
             return plain(dataclasses.asdict(v))
         return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    # Command-line-only keys (overwrite) are left out: a saved config must load as a config file.
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.init and not f.metadata.get("cli_only")}
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -121,6 +126,9 @@ def _checked(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else " See the config reference in README.md."
             raise ConfigError(f"unknown config key {key!r} in {source}.{hint}")
+        if fields[key].metadata.get("cli_only") and source != CLI:
+            raise ConfigError(f"{key!r} in {source}: this key is taken only from the command line (--{key}), "
+                              "so that rerunning a config file never deletes finished work")
         try:
             out[key] = _coerce(value, hints[key])
         except ValueError as err:

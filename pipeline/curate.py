@@ -10,6 +10,7 @@ output_dir/curated (the training set) and output_dir/curation.json (the report).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -17,10 +18,12 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from pipeline.prompts import PromptSource, load_prompts
+from pipeline.records import save_dataset
 
+SCORE_BATCH = 4096  # samples read and scored at a time
 Verdict = Literal["correct", "wrong", "error", "timeout", "no_reference"]
 ScorerName = Literal["math", "exact", "numeric", "choice", "regex"]
 
@@ -91,8 +94,6 @@ def set_scorer(prompt_set: str | None) -> str | None:
 
 def curate_traces(dataset: Any, cfg: CurateConfig, scorer: str, out: Path, export: list[str] = ()) -> Any:
     """Score `dataset`, save it as out/samples, filter it into out/curated; return the scored samples."""
-    from pipeline.generate import save_dataset  # one atomic writer for every dataset we save
-
     dataset = score_dataset(dataset, cfg, scorer)
     save_dataset(dataset, out / "samples", export)
     curated, report = filter_traces(dataset, cfg, contamination_index(cfg))
@@ -107,9 +108,13 @@ def curate_traces(dataset: Any, cfg: CurateConfig, scorer: str, out: Path, expor
 # ---------------------------------------------------------------------------- scoring
 
 def score_dataset(dataset: Any, cfg: ScoringConfig, scorer: str) -> Any:
-    """Add extracted_answer, verdict and correct columns (correct is null without a reference)."""
-    rows = dataset.select_columns(["completion", "think_closed", "reference_answer"])
-    results = score_texts([scored_text(r) for r in rows], [r["reference_answer"] for r in rows], cfg, scorer)
+    """Add extracted_answer, verdict and correct columns (correct is null without a reference).
+    Reads the texts batch by batch: the verdicts are small, the completions are not."""
+    columns = dataset.select_columns(["completion", "think_closed", "reference_answer"])
+    batches = ([(scored_text({"completion": c, "think_closed": closed}), reference)
+                for c, closed, reference in zip(b["completion"], b["think_closed"], b["reference_answer"])]
+               for b in columns.iter(batch_size=SCORE_BATCH))
+    results = score_batches(batches, len(dataset), cfg, scorer)
     for column in ("extracted_answer", "verdict", "correct"):
         if column in dataset.column_names:
             dataset = dataset.remove_columns(column)
@@ -120,14 +125,25 @@ def score_dataset(dataset: Any, cfg: ScoringConfig, scorer: str) -> Any:
 
 def score_texts(texts: list[str], references: list[str | None], cfg: ScoringConfig,
                 scorer: str) -> list[tuple[Verdict, str | None]]:
-    """(verdict, extracted answer) per text, scored in spawned processes: math-verify's timeout
-    is a signal, which works only in a main thread, and forking a process that runs vLLM's
-    threads is unsafe."""
+    """(verdict, extracted answer) per text."""
+    return score_batches([list(zip(texts, references))], len(texts), cfg, scorer)
+
+
+def score_batches(batches: Iterable[list[tuple[str, str | None]]], total: int, cfg: ScoringConfig,
+                  scorer: str) -> list[tuple[Verdict, str | None]]:
+    """(verdict, extracted answer) per (text, reference), scored in spawned processes: math-verify's
+    timeout is a signal, which works only in a main thread, and forking a process that runs
+    vLLM's threads is unsafe."""
     from tqdm.auto import tqdm
 
-    jobs = [(scorer, text, reference, _options(cfg)) for text, reference in zip(texts, references)]
-    with ProcessPoolExecutor(cfg.score_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(score_one, jobs, chunksize=64), total=len(jobs), desc="score", unit="sample"))
+    results: list[tuple[Verdict, str | None]] = []
+    with ProcessPoolExecutor(cfg.score_workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=total, desc="score", unit="sample") as bar:
+        for batch in batches:
+            jobs = [(scorer, text, reference, _options(cfg)) for text, reference in batch]
+            results += pool.map(score_one, jobs, chunksize=64)
+            bar.update(len(jobs))
+    return results
 
 
 def scored_text(row: dict[str, Any], think_end: str = "</think>") -> str:
@@ -242,10 +258,22 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def light_rows(dataset: Any) -> list[dict[str, Any]]:
+    """What the filters read of each sample: small columns, and a digest of the completion."""
+    columns = ["prompt_id", "problem", "temperature", "finish_reason", "think_closed", "completion_tokens",
+               "correct", "verdict"]
+    rows = []
+    for batch in dataset.select_columns(columns + ["completion"]).iter(batch_size=SCORE_BATCH):
+        for values in zip(*(batch[c] for c in columns), batch["completion"]):
+            row = dict(zip(columns, values))
+            row["completion_digest"] = hashlib.sha1(values[-1][0]["content"].encode()).digest()
+            rows.append(row)
+    return rows
+
+
 def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, ...]]) -> tuple[Any, dict[str, Any]]:
     """Apply the enabled filters in order; return the kept rows and the report."""
-    rows = dataset.select_columns(["prompt_id", "problem", "temperature", "finish_reason", "think_closed",
-                                   "completion_tokens", "completion", "correct", "verdict"]).to_list()
+    rows = light_rows(dataset)
     contaminated = sorted({r["prompt_id"] for r in rows if eval_ngrams & ngrams(r["problem"], cfg.decontamination_ngram)})
 
     def first_k(kept: list[int]) -> list[int]:
@@ -258,7 +286,7 @@ def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, .
     def dedupe(kept: list[int]) -> list[int]:
         seen, out = set(), []
         for i in kept:
-            key = (rows[i]["prompt_id"], rows[i]["completion"][0]["content"])
+            key = (rows[i]["prompt_id"], rows[i]["completion_digest"])
             if key not in seen:
                 seen.add(key)
                 out.append(i)

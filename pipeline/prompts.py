@@ -113,6 +113,17 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
     return PromptSet(source=source, prompts=prompts[: src.max_prompts], scorer=scorer)
 
 
+def chat_prompt(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as chat messages: an optional system message, then the user's."""
+    system = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    return system + [{"role": "user", "content": prompt.text}]
+
+
+def render(tokenizer: Any, prompt: Prompt) -> str:
+    """The generation prompt as the model's chat template writes it (generate, eval, teacher)."""
+    return tokenizer.apply_chat_template(chat_prompt(prompt), tokenize=False, add_generation_prompt=True)
+
+
 def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
     """Rows of a file, a saved dataset or a hub dataset, with a printable name of the source."""
     suffix = path.suffix.lower()

