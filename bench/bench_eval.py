@@ -4,13 +4,14 @@ Same model, prompts and protocol (k samples per prompt, temperature, top_p, max_
 tokens per second of sampling, engine or model loading excluded (reported apart). One process,
 CPU; several repetitions, medians quoted.
 
-    python bench/bench_eval.py [--prompts 16] [--k 4] [--max-tokens 128] [--reps 3]
+    python bench/bench_eval.py [--prompts 16] [--k 4] [--max-tokens 128] [--reps 3] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from pipeline.generate import GenerateConfig, build_engine, generate
 from pipeline.prompts import load_prompts
 from pipeline.tiny import build_model
 
+# --quick: the smallest run of both backends (checks the script, measures nothing).
+QUICK = {"prompts": 2, "k": 1, "max_tokens": 8, "reps": 1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -29,6 +33,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="runs/bench/eval.json")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes, one repetition (sizes given still win)")
+    if "--quick" in sys.argv[1:]:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
@@ -65,7 +72,8 @@ def main() -> None:
         "benchmark": "eval sampling tokens/s: vLLM backend / transformers backend",
         "machine": machine(),
         "setup": {"model": "random Qwen2, hidden 256, 4 layers, float32", "prompts": args.prompts, "k": args.k,
-                  "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": args.max_tokens},
+                  "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": args.max_tokens,
+                  "quick": args.quick},
         "vllm_engine_start_s": vllm_start_s,
         "reps": rows,
         "median_ratio": statistics.median(r["ratio"] for r in rows),

@@ -1,10 +1,11 @@
 """Benchmark: the generate stage's output tokens/s against plain `vllm.LLM.generate`.
 
-One engine serves both, on the same prompts, sampling parameters and engine settings; the
-two alternate for several repetitions and the median ratio is quoted. The stage's time is its
+One engine serves all, on the same prompts, sampling parameters and engine settings: plain
+vLLM with a seed per request, plain vLLM unseeded, and the stage (a seed per sample). They
+take turns for several repetitions and the median ratios are quoted. The stage's time is its
 whole `generate()` call: rendering, shards, the saved dataset and the exports included.
 
-    python bench/bench_generate.py [--model PATH] [--prompts 32] [--max-tokens 256] [--reps 7]
+    python bench/bench_generate.py [--model PATH] [--prompts 32] [--max-tokens 256] [--reps 7] [--quick]
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ import time
 from pathlib import Path
 
 from _common import machine, save
-from pipeline.generate import GenerateConfig, build_engine, generate, render
-from pipeline.prompts import load_prompts
+from pipeline.engine import build_engine
+from pipeline.generate import GenerateConfig, generate
+from pipeline.prompts import load_prompts, render
 from pipeline.tiny import build_model
 
 
-def plain_vllm(llm, cfg: GenerateConfig) -> tuple[int, float]:
+def plain_vllm(llm, cfg: GenerateConfig, seeded: bool) -> tuple[int, float]:
     """What a user writes without this project, at its best: chat-rendered prompts, n samples
-    per request, every temperature in one generate call (so the batch never drains between)."""
+    per request, every temperature in one generate call (so the batch never drains between).
+    Seeded: one seed per request (reproducible); unseeded: vLLM's global generator (fastest)."""
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()
     texts = [render(tokenizer, p) for p in load_prompts(cfg).prompts]
     params = [SamplingParams(n=cfg.num_samples, temperature=t, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_tokens=cfg.max_tokens, seed=cfg.seed) for t in cfg.temperatures for _ in texts]
+                             max_tokens=cfg.max_tokens, seed=cfg.seed + n if seeded else None)
+              for t in cfg.temperatures for n, _ in enumerate(texts)]
     start = time.perf_counter()
     outputs = llm.generate(texts * len(cfg.temperatures), params, use_tqdm=False)
     tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
@@ -54,7 +58,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default="runs/bench/generate.json")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes: checks the script, measures nothing")
     args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.max_tokens, args.reps = 4, 16, 1
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     model = args.model or str(build_model(work / "teacher"))
@@ -63,24 +70,26 @@ def main() -> None:
                          dtype="float32", max_model_len=1024, enforce_eager=True,
                          curate=False)  # sampling only: scoring has no plain-vLLM counterpart
     llm = build_engine(cfg)
-    plain_vllm(llm, cfg)  # warm-up of both, so neither pays first-call costs
+    plain_vllm(llm, cfg, seeded=True)  # warm-up of each, so none pays first-call costs
+    plain_vllm(llm, cfg, seeded=False)
     stage(llm, cfg, work / "warm-up")
 
     rows = []
     for rep in range(args.reps):
-        # Alternate which goes first, so drift on a shared machine does not favour one.
-        if rep % 2:
-            stage_tokens, stage_s, overhead_s = stage(llm, cfg, work / f"run-{rep}")
-            plain_tokens, plain_s = plain_vllm(llm, cfg)
-        else:
-            plain_tokens, plain_s = plain_vllm(llm, cfg)
-            stage_tokens, stage_s, overhead_s = stage(llm, cfg, work / f"run-{rep}")
-        row = {"plain_tok_s": plain_tokens / plain_s, "stage_tok_s": stage_tokens / stage_s,
-               "stage_seconds_outside_sampling": overhead_s}
-        row["ratio"] = row["stage_tok_s"] / row["plain_tok_s"]
+        # Rotate which goes first, so drift on a shared machine does not favour one.
+        runs = {"seeded": lambda: plain_vllm(llm, cfg, seeded=True),
+                "unseeded": lambda: plain_vllm(llm, cfg, seeded=False),
+                "stage": lambda: stage(llm, cfg, work / f"run-{rep}")}
+        order = list(runs)[rep % 3:] + list(runs)[:rep % 3]
+        measured = {name: runs[name]() for name in order}
+        row = {f"{name}_tok_s": m[0] / m[1] for name, m in measured.items()}
+        row["stage_seconds_outside_sampling"] = measured["stage"][2]
+        row["ratio_seeded"] = row["stage_tok_s"] / row["seeded_tok_s"]
+        row["ratio_unseeded"] = row["stage_tok_s"] / row["unseeded_tok_s"]
         rows.append(row)
-        print(f"rep {rep}: plain {row['plain_tok_s']:.0f} tok/s, stage {row['stage_tok_s']:.0f} tok/s "
-              f"({overhead_s:.2f} s of {stage_s:.2f} s outside sampling), ratio {row['ratio']:.3f}")
+        print(f"rep {rep}: plain seeded {row['seeded_tok_s']:.0f} tok/s, unseeded {row['unseeded_tok_s']:.0f}, "
+              f"stage {row['stage_tok_s']:.0f} ({row['stage_seconds_outside_sampling']:.2f} s outside sampling); "
+              f"stage / seeded {row['ratio_seeded']:.3f}, stage / unseeded {row['ratio_unseeded']:.3f}")
 
     # Teacher top-k logprobs (for offline KD): storage per completion token, and the cost in speed.
     import pyarrow.parquet as pq
@@ -99,14 +108,14 @@ def main() -> None:
         "setup": {"prompts": args.prompts, "temperatures": cfg.temperatures, "num_samples": cfg.num_samples,
                   "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "model": model},
         "reps": rows,
-        "median_ratio": statistics.median(r["ratio"] for r in rows),
-        "median_plain_tok_s": statistics.median(r["plain_tok_s"] for r in rows),
-        "median_stage_tok_s": statistics.median(r["stage_tok_s"] for r in rows),
+        **{f"median_{key}": statistics.median(r[key] for r in rows)
+           for key in ("ratio_seeded", "ratio_unseeded", "seeded_tok_s", "unseeded_tok_s", "stage_tok_s")},
         "logprobs": logprobs,
     }
     save(result, args.out)
-    print(f"\nmedian ratio (stage / plain): {result['median_ratio']:.3f}  "
-          f"[plain {result['median_plain_tok_s']:.0f} tok/s, stage {result['median_stage_tok_s']:.0f} tok/s]")
+    print(f"\nmedian stage / plain seeded: {result['median_ratio_seeded']:.3f}, stage / plain unseeded: "
+          f"{result['median_ratio_unseeded']:.3f} [seeded {result['median_seeded_tok_s']:.0f}, unseeded "
+          f"{result['median_unseeded_tok_s']:.0f}, stage {result['median_stage_tok_s']:.0f} tok/s]")
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn

@@ -23,7 +23,7 @@ On CUDA the same script would read torch.cuda.max_memory_allocated instead; this
 
     python bench/bench_kd_memory.py [--tokens 4096] [--vocab 151936] [--hidden 896]
                                     [--chunk-size 1024 [512 ...]] [--kind forward_kl]
-                                    [--temperature 1.0] [--out runs/bench/kd_memory.json]
+                                    [--temperature 1.0] [--out runs/bench/kd_memory.json] [--quick]
 """
 
 from __future__ import annotations
@@ -42,29 +42,12 @@ from pathlib import Path
 
 import torch
 
+from _common import peak_kb, reset_peak, status_kb
 from pipeline.losses import chunked_kd_loss, combine, naive_kd_loss
 
 MB = 2**20
-
-
-def _status_kb(field: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb(reset_ok: bool) -> int:
-    hwm = _status_kb("VmHWM") if reset_ok else None
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# --quick: the smallest sizes that still take several chunks (checks the script, measures nothing).
+QUICK = {"tokens": 256, "vocab": 4096, "hidden": 64, "teacher_hidden": 64, "chunk_size": [64]}
 
 
 def make_inputs(args: argparse.Namespace) -> dict:
@@ -85,18 +68,18 @@ def worker(args: argparse.Namespace) -> None:
     inputs = make_inputs(args)
     fn = {"naive": naive_kd_loss, "chunked": chunked_kd_loss}[args.worker]
     gc.collect()
-    reset_ok = _reset_peak()
-    base_kb = _status_kb("VmRSS") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_ok = reset_peak()
+    base_kb = status_kb("VmRSS") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     out = fn(**inputs, kind=args.kind, temperature=args.temperature, chunk_size=args.chunk_size)
     combine(out["ce_loss"], out["kd_loss"], 0.5).backward()
     seconds = time.perf_counter() - start
-    peak_kb = _peak_kb(reset_ok)
+    top_kb = peak_kb(reset_ok)
     torch.save({"kd_loss": out["kd_loss"].detach(), "ce_loss": out["ce_loss"].detach(),
                 "grad_hidden": inputs["student_hidden"].grad,
                 "grad_lm_head": inputs["student_lm_head_weight"].grad},
                Path(args.save) / f"{args.worker}.pt")
-    print(json.dumps({"variant": args.worker, "peak_mb": (peak_kb - base_kb) / 1024,
+    print(json.dumps({"variant": args.worker, "peak_mb": (top_kb - base_kb) / 1024,
                       "baseline_mb": base_kb / 1024, "seconds": seconds,
                       "method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss"}))
 
@@ -131,8 +114,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench/kd_memory.json")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes (sizes given still win)")
     parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
+    if "--quick" in sys.argv[1:]:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
     if args.worker:
         args.chunk_size = args.chunk_size[0]
@@ -172,7 +158,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "setup": {k: getattr(args, k) for k in ("tokens", "vocab", "hidden", "teacher_hidden",
-                                                 "kind", "temperature", "seed")},
+                                                 "kind", "temperature", "seed", "quick")},
         "measure": naive["method"] + " minus RSS after building inputs, fresh process per variant, "
                    "MALLOC_MMAP_THRESHOLD_=131072",
         "relative_error": "max |chunked - naive| / max |naive| over kd_loss, ce_loss and both gradients",

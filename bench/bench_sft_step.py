@@ -5,13 +5,14 @@ Same student, data and SFTConfig for all; the stage's trainers come from
 times are taken by a callback between step begin and end, the first steps skipped as
 warm-up; runs alternate for several repetitions and medians are quoted.
 
-    python bench/bench_sft_step.py [--samples 64] [--steps 12] [--reps 3]
+    python bench/bench_sft_step.py [--samples 64] [--steps 12] [--reps 3] [--hidden 256] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from pipeline.teacher import solution_records
 from pipeline.tiny import build_model
 
 WARMUP = 2
+# --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).
+QUICK = {"samples": 32, "steps": WARMUP + 1, "reps": 1, "hidden": 64}
 
 
 class StepTimer(TrainerCallback):
@@ -62,6 +65,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--out", default="runs/bench/sft_step.json")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes, one repetition (sizes given still win)")
+    if "--quick" in sys.argv[1:]:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
 
     from trl import SFTConfig, SFTTrainer
@@ -103,7 +109,8 @@ def main() -> None:
         "benchmark": "median step time: sft stage / plain TRL SFTTrainer, and KD / SFT",
         "machine": machine(),
         "setup": {"student_hidden": args.hidden, "teacher_hidden": 2 * args.hidden, "layers": 4,
-                  "batch": 8, "max_length": probe.max_length, "steps": args.steps, "warmup_steps": WARMUP},
+                  "batch": 8, "max_length": probe.max_length, "steps": args.steps, "warmup_steps": WARMUP,
+                  "quick": args.quick},
         "reps": rows,
         "median_sft_ratio": statistics.median(r["sft_ratio"] for r in rows),
         "median_kd_over_sft": statistics.median(r["kd_over_sft"] for r in rows),

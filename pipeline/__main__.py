@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from pipeline.config import ConfigError, load_config, parse_cli
+from pipeline.prompts import PromptSetError
 
 # stage name -> (module, config class); modules are imported only when their stage runs.
 STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
@@ -26,5 +27,5 @@ def run(argv: list[str]) -> None:
 if __name__ == "__main__":  # the guard matters: vLLM starts its workers with spawn
     try:
         run(sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, PromptSetError, FileNotFoundError) as err:  # bad input: one line that says what to do
         sys.exit(f"error: {err}")

@@ -4,29 +4,34 @@ Each model samples k completions per prompt at one temperature (greedy at 0), ev
 scored, and per model: mean pass@1 over the k samples with a 95% confidence interval, unbiased
 pass@k, maj@k (cons@k), share truncated, mean completion tokens. Two backends:
 
-- vllm: the generate stage itself (seeded per sample, resumable), one engine per model;
+- vllm: the generate stage itself (seeded per sample, resumable), `data_parallel_size` engine
+  replicas per model (local processes, or Ray actors with `ray_address`);
 - transformers: HF generate, prompts split across `accelerate launch` processes and gathered.
 
-    output_dir/generations/<model>/   each model's samples, reused by a rerun with the same protocol
+    output_dir/generations/<model>/   each model's samples, reused by a rerun with the same protocol and
+                                      the same model files (a model retrained in place is sampled again)
     output_dir/samples.jsonl          every sample with its score, all models (recompute any metric)
     output_dir/report.json, report.md, accuracy.png
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import config_to_dict, save_config
+from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.curate import ScoringConfig, score_texts, scored_text
-from pipeline.generate import (EngineConfig, GenerateConfig, build_engine, chat_prompt, check_sampling, generate,
-                               render, sample_seed, save_dataset, split_think)
-from pipeline.prompts import PromptSource, load_prompts
+from pipeline.engine import EngineConfig
+from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
+from pipeline.prompts import PromptSource, chat_prompt, load_prompts, render
+from pipeline.records import save_dataset
 
 
 @dataclass
@@ -46,6 +51,7 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
 
     def __post_init__(self) -> None:
         ScoringConfig.__post_init__(self)
+        EngineConfig.__post_init__(self)
         PromptSource.__post_init__(self)
         check_sampling(self)
         if self.temperature < 0:
@@ -62,23 +68,31 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("backend vllm splits the prompts over its own engine replicas: run it as one process "
+                          "with --data_parallel_size N (and --ray_address for several machines), not under "
+                          "accelerate launch / NUM_PROCESSES (that is for backend transformers)")
     prompt_set = load_prompts(cfg, require_answers=True)
     for name, path in cfg.model_list():
         if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
-            raise FileNotFoundError(f"model {name}: {path} does not exist (a local model dir or a hub id owner/name; "
-                                    "the demo's students are made by `make demo`)")
+            raise FileNotFoundError(f"model {name}: {path} does not exist: the demo's student-sft is made by "
+                                    "`make sft`, student-init by `make sft` or `make demo` (or name a local model "
+                                    "dir or a hub id owner/name)")
     out = Path(cfg.output_dir)
     is_main = _is_main_process(cfg)
     if is_main:
         save_config(cfg, out / "config.yaml")
 
-    samples = []
+    samples, skipped = [], {}
     for name, path in cfg.model_list():
         rows = sample_model(cfg, name, path, prompt_set.prompts, out / "generations" / name)
         if is_main:
             samples += [{"model": name, **r} for r in rows]
+            skipped[name] = _skipped_ids(out / "generations" / name / "skipped.jsonl")
     if not is_main:
         return {}
+    # A prompt one model could not take would make the others' scores incomparable to its own.
+    samples, n_prompts = common_prompts(samples, skipped)
 
     scorer = cfg.scorer or prompt_set.scorer or "math"
     texts = [scored_text(r, cfg.think_end) for r in samples]
@@ -86,8 +100,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         r.update(verdict=verdict, extracted_answer=extracted, correct=verdict == "correct")
     (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
 
-    report = {"protocol": protocol(cfg, scorer, prompt_set.source, len(prompt_set.prompts)),
-              "models": {name: metrics([r for r in samples if r["model"] == name], cfg.num_samples)
+    report = {"protocol": protocol(cfg, scorer, prompt_set.source, n_prompts),
+              "models": {name: {**metrics([r for r in samples if r["model"] == name], cfg.num_samples),
+                                "skipped_too_long": skipped[name]}
                          for name, _ in cfg.model_list()}}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
@@ -100,8 +115,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- sampling
 
 def sample_model(cfg: EvalConfig, name: str, path: str, prompts: list, out: Path) -> list[dict[str, Any]]:
-    """The model's k samples per prompt as records, from disk when this protocol made them."""
-    wanted = {**_protocol_keys(cfg), "model": path}
+    """The model's k samples per prompt as records, from disk when this protocol made them from
+    these very model files (see model_fingerprint)."""
+    wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": model_fingerprint(path)}
     done = out / "samples"
     if (out / "protocol.json").is_file():
         if json.loads((out / "protocol.json").read_text()) == wanted and done.is_dir():
@@ -122,6 +138,31 @@ def sample_model(cfg: EvalConfig, name: str, path: str, prompts: list, out: Path
     return rows or []
 
 
+# Files whose change makes a different model (or different sampling) under the same path.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def model_fingerprint(path: str) -> str:
+    """What the model at `path` is, for reuse checks: a hub id stands for itself; a local dir is
+    config.json's bytes plus the name, size and mtime of each weight and tokenizer file (stat,
+    not content: hashing gigabytes of weights on every eval would cost more than it saves)."""
+    local = Path(path)
+    if not local.exists():
+        return path  # a hub id
+    files = [local] if local.is_file() else sorted(
+        f for f in local.iterdir() if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _TOKENIZER_FILES
+                                                     or f.name.endswith(".safetensors.index.json")))
+    digest = hashlib.sha256()
+    if (local / "config.json").is_file():
+        digest.update((local / "config.json").read_bytes())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"\0{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
 def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
     keys = ("prompt_set", "split", "id_column", "prompt_column", "answer_column", "system_column", "template",
             "system_prompt", "max_prompts", "num_samples", "temperature", "top_p", "max_tokens", "seed", "backend")
@@ -129,15 +170,12 @@ def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _sample_vllm(cfg: EvalConfig, path: str, out: Path) -> list[dict[str, Any]]:
-    """The generate stage, curation off: seeded per sample, resumable, skips over-long prompts."""
+    """The generate stage, curation off: seeded per sample, resumable, skips over-long prompts, and
+    splits the prompts over `data_parallel_size` replicas (local processes or Ray actors)."""
     shared = {k: v for k, v in config_to_dict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
     gen = GenerateConfig(**{**shared, "model": path, "output_dir": str(out), "temperatures": [cfg.temperature],
                             "curate": False, "export": []})
-    llm = build_engine(gen)
-    try:
-        return generate(gen, llm).to_list()
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    return generate(gen).to_list()  # its engine replicas (data_parallel_size) start and stop with it
 
 
 def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict[str, Any]] | None:
@@ -176,6 +214,21 @@ def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict
     return rows if state.is_main_process else None
 
 
+def _skipped_ids(path: Path) -> list[str]:
+    """Ids of the prompts the generate stage set aside as too long (vllm backend only)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def common_prompts(samples: list[dict[str, Any]], skipped: dict[str, list[str]]) -> tuple[list[dict[str, Any]], int]:
+    """The samples of the prompts every model took, and how many such prompts there are: a prompt
+    that any model skipped (or has no samples for) is dropped from every model's rows."""
+    taken = [{r["prompt_id"] for r in samples if r["model"] == name} for name in skipped]
+    common = set.intersection(*taken) - set().union(*skipped.values()) if taken else set()
+    return [r for r in samples if r["prompt_id"] in common], len(common)
+
+
 def _torch_dtype(dtype: str) -> Any:
     import torch
     return "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -198,13 +251,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
-    """maj@k: the most frequent extracted answer (first seen wins ties) is a correct one."""
-    votes = Counter(a for a in answers if a is not None)
+def majority_correct(answers: list[str | None], verdicts: list[str]) -> bool:
+    """maj@k: the most frequent extracted answer (first seen wins ties) is a correct one. Only
+    scored samples vote: an "error" or "timeout" sample's answer is its error message, and a few
+    samples failing alike must not outvote a correct answer."""
+    voters = [(a, v) for a, v in zip(answers, verdicts) if a is not None and v in ("correct", "wrong")]
+    votes = Counter(a for a, _ in voters)
     if not votes:
         return False
     top = votes.most_common(1)[0][0]
-    return next(c for a, c in zip(answers, correct) if a == top)
+    return next(v == "correct" for a, v in voters if a == top)
 
 
 def metrics(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -223,7 +279,7 @@ def metrics(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
         "pass@1": mean,
         "pass@1_ci95": [max(0.0, mean - half), min(1.0, mean + half)],
         f"pass@{k}": sum(pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in by_prompt.values()) / max(n, 1),
-        f"maj@{k}": sum(majority_correct([r["extracted_answer"] for r in g], [r["correct"] for r in g])
+        f"maj@{k}": sum(majority_correct([r["extracted_answer"] for r in g], [r["verdict"] for r in g])
                         for g in by_prompt.values()) / max(n, 1),
         "share_truncated": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
@@ -236,7 +292,8 @@ def metrics(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
 def protocol(cfg: EvalConfig, scorer: str, source: str, n_prompts: int) -> dict[str, Any]:
     return {"prompts": source, "split": cfg.split, "n_prompts": n_prompts, "k": cfg.num_samples,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
-            "scorer": scorer, "backend": cfg.backend, "models": dict(cfg.model_list())}
+            "scorer": scorer, "backend": cfg.backend, "models": dict(cfg.model_list()),
+            "model_fingerprints": {name: model_fingerprint(path) for name, path in cfg.model_list()}}
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -251,8 +308,16 @@ def report_markdown(report: dict[str, Any]) -> str:
         low, high = m["pass@1_ci95"]
         lines.append(f"| {name} | {m['pass@1']:.3f} | [{low:.3f}, {high:.3f}] | {m[f'pass@{k}']:.3f} | "
                      f"{m[f'maj@{k}']:.3f} | {m['share_truncated']:.1%} | {m['mean_completion_tokens']:.1f} |")
+    for name, m in report["models"].items():
+        lines += ["", skipped_line(name, m["skipped_too_long"])] if m.get("skipped_too_long") else []
     lines += ["", "Models: " + ", ".join(f"{n} = `{path}`" for n, path in p["models"].items()), ""]
     return "\n".join(lines)
+
+
+def skipped_line(name: str, ids: list[str], shown: int = 10) -> str:
+    listed = ", ".join(ids[:shown]) + (f", and {len(ids) - shown} more (report.json)" if len(ids) > shown else "")
+    return (f"Skipped as too long for `{name}`: {len(ids)} prompt{'s' if len(ids) != 1 else ''} ({listed}), "
+            "left out for every model.")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -35,7 +35,8 @@ from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.curate import CurateConfig, curate_traces
 from pipeline.engine import EngineConfig, build_engine, run_replicas, shutdown
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.records import assemble, records_to_table, save_dataset, stored_keys, write_jsonl, write_shard
+from pipeline.records import (assemble, records_to_table, release_memory, save_dataset, stored_keys, write_jsonl,
+                              write_shard)
 
 CONFIG_FILE = "config.yaml"
 # Keys that change how fast samples come, not what is sampled: a resume may change them (after an
@@ -208,6 +209,7 @@ def sample_shards(cfg: GenerateConfig, share: list[tuple[Prompt, list]], llm: An
             if len(records) >= cfg.shard_size or (records and not in_flight):
                 yield records_to_table(records)
                 records = []
+                release_memory()
         return {"skipped": skipped, "tokens": tokens}
     finally:
         if own_engine:

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 KEY = ("prompt_id", "temperature", "sample_index")  # one work unit; each is stored exactly once
 BATCH = 1024  # rows per batch when streaming a dataset to a file
+JSON_BATCH = 128  # rows per batch turned into Python objects for a JSON export (top-k rows are heavy)
 
 
 def records_to_table(records: list[dict[str, Any]]) -> Any:
@@ -91,6 +92,7 @@ def assemble(shards: Path, units: list[tuple], cache_dir: Path) -> Any:
     if not files:
         raise RuntimeError(f"{shards}: no samples to assemble")
     dataset = datasets.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir))
+    release_memory()
     return dataset.select([row_of[u] for u in units])
 
 
@@ -122,13 +124,28 @@ def write_export(dataset: Any, target: Path, kind: str) -> None:
                 writer.write_table(batch)
     else:
         with tmp.open("w") as f:
-            for batch in dataset.iter(batch_size=BATCH):
+            for batch in dataset.iter(batch_size=JSON_BATCH):
                 for values in zip(*batch.values()):
                     row = dict(zip(batch, values))
                     if kind == "messages":  # open-r1 style: one `messages` list per sample
                         row = {"messages": row.pop("prompt") + row.pop("completion"), **row}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, target)
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS. Without it the allocators (glibc's, Arrow's
+    mimalloc) keep the high-water mark of every batch and the RSS of a long run creeps up."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -118,8 +118,9 @@ def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
     elif path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"dataset {source} does not exist (expected a traces dir, a dataset saved with "
-                                "save_to_disk, or a hub id like owner/name)")
+        raise FileNotFoundError(f"dataset {source} does not exist: make it with `make generate` (or set --dataset "
+                                "to your traces: a traces dir, a dataset saved with save_to_disk, or a hub id "
+                                "like owner/name)")
     else:
         data = datasets.load_dataset(source, split=split)
     if data is None or len(data) == 0:

@@ -2,9 +2,9 @@
 
 The demo needs a teacher that can reason about something on a CPU with no model hub. This
 builds a random Qwen2 (`pipeline/tiny.py`), turns the prompt set's `solution` column into
-prompt-completion records (the prompt rendered exactly as generate and eval render it), and
-runs the sft stage on them. `make teacher` runs it and then scores the result with the eval
-stage; the shipped `prompts/arithmetic/teacher` was made this way.
+prompt-completion records (the prompt rendered exactly as generate and eval render it), runs
+the sft stage on them, and scores the result with the eval stage (`eval_config`'s protocol, the
+demo's, into `eval_dir`). The shipped `prompts/arithmetic/teacher` was made this way (`make teacher`).
 
     python -m pipeline.teacher [--config configs/teacher.yaml] [--key value ...]
 """
@@ -12,13 +12,12 @@ stage; the shipped `prompts/arithmetic/teacher` was made this way.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_config, parse_cli
-from pipeline.generate import chat_prompt
-from pipeline.prompts import PromptSource, load_prompts
+from pipeline.prompts import PromptSource, chat_prompt, load_prompts
 from pipeline.sft import SFTStageConfig
 from pipeline.sft import main as sft_main
 from pipeline.tiny import build_model
@@ -39,6 +38,11 @@ class TeacherConfig(SFTStageConfig, PromptSource):
     num_layers: int = 4
     intermediate_size: int = 512
     init_seed: int = 0
+    # Scoring, after training: the eval stage with this config's protocol (null: not scored), on
+    # the teacher's own prompt set, rendered as it was trained.
+    eval_config: str | None = "configs/eval.yaml"
+    eval_dir: str = "runs/teacher/eval"
+    eval_max_prompts: int | None = None  # unset: the whole eval split
 
     def __post_init__(self) -> None:
         SFTStageConfig.__post_init__(self)
@@ -48,6 +52,7 @@ class TeacherConfig(SFTStageConfig, PromptSource):
 def main(cfg: TeacherConfig) -> Path:
     import datasets
 
+    scoring = eval_config(cfg) if cfg.eval_config else None  # a bad eval setup stops us before training
     if not Path(cfg.model, "config.json").is_file():
         build_model(cfg.model, "qwen2", cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, seed=cfg.init_seed)
     records = solution_records(cfg, cfg.solution_column)
@@ -58,7 +63,23 @@ def main(cfg: TeacherConfig) -> Path:
         f"{cfg.intermediate_size}) trained from scratch by r1-distill on the worked `{cfg.solution_column}` of "
         f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} rows): `python -m pipeline.teacher` "
         f"(`make teacher`), every key in `stage_config.yaml` beside this card.\n")
+    if scoring:
+        from pipeline.eval import main as eval_main
+
+        eval_main(scoring)
     return out
+
+
+def eval_config(cfg: TeacherConfig) -> Any:
+    """The eval stage's config that scores the trained teacher: `eval_config`'s protocol on the
+    teacher's prompt set and column mapping (its eval split, not the training split)."""
+    from pipeline.eval import EvalConfig
+
+    source = {f.name: getattr(cfg, f.name) for f in fields(PromptSource) if f.name not in ("split", "max_prompts")}
+    scoring = load_config(EvalConfig, cfg.eval_config, {**source, "models": [f"teacher={cfg.output_dir}"],
+                                                        "output_dir": cfg.eval_dir, "max_prompts": cfg.eval_max_prompts})
+    load_prompts(scoring, require_answers=True)  # e.g. a set with no such split: say so now, not after training
+    return scoring
 
 
 def solution_records(src: PromptSource, column: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def test_yaml_1_1_traps_are_avoided(tmp_path: Path) -> None:
     path.write_text("save_strategy: no\nlearning_rate: 1e-5\nuse_cpu: true\nbf16: false\n")
     cfg = load_config(SFTStageConfig, path, {"lr_scheduler_type": "constant", "weight_decay": "1e-2"})
     assert cfg.save_strategy == "no" and cfg.learning_rate == 1e-5 and cfg.weight_decay == 0.01
+
+
+ENGINE_CONFIGS = [p for p in SHIPPED if p.stem in ("generate", "eval")]
+
+
+@pytest.mark.parametrize("path", ENGINE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("extra", [{}, {"tensor_parallel_size": "2", "distributed_executor_backend": "ray"}],
+                         ids=["as shipped", "ray executor"])
+def test_engine_arguments_build_a_vllm_engine_config(path: Path, extra: dict, tmp_path_factory) -> None:
+    """What each shipped config hands vllm.LLM, checked by vLLM itself without weights: a stand-in
+    model dir with a long-context config takes the place of the hub teacher. Data parallelism is
+    replicas of ours: vLLM's offline LLM refuses data_parallel_size > 1."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from pipeline.engine import engine_kwargs
+    from pipeline.tiny import build_model
+
+    stand_in = tmp_path_factory.getbasetemp() / "long-context-stand-in"
+    if not stand_in.exists():
+        build_model(stand_in, max_position_embeddings=131072)
+    cfg = load_config(config_class(path), path, extra)
+    kwargs = engine_kwargs(types.SimpleNamespace(**{**vars(cfg), "model": str(stand_in)}), gpu=True)
+    assert "data_parallel_size" not in kwargs
+    engine = EngineArgs(**kwargs).create_engine_config()
+    assert engine.parallel_config.world_size == cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    assert engine.parallel_config.data_parallel_size == 1
+    assert engine.model_config.max_model_len == (cfg.max_model_len or 131072)

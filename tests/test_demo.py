@@ -1,10 +1,9 @@
-"""The embedded demo: the shipped teacher, `make teacher`'s data, and a reduced `make demo`."""
+"""The embedded demo: the shipped teacher and `make teacher`'s data (a reduced `make demo` runs in
+tests/test_make.py, as a newcomer types it)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,8 @@ def test_teacher_trains_on_the_solutions_as_the_pipeline_renders_the_prompts(tmp
     from pipeline.teacher import TeacherConfig, main
 
     values = {"output_dir": tmp_path / "model", "model": tmp_path / "init", "dataset": tmp_path / "solutions",
-              "max_prompts": 8, "max_steps": 2, "hidden_size": 64, "num_layers": 1, "save_strategy": "no"}
+              "max_prompts": 8, "max_steps": 2, "hidden_size": 64, "num_layers": 1, "save_strategy": "no",
+              "eval_config": "null"}  # no scoring here: tests/test_make.py runs `make teacher`
     cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {k: str(v) for k, v in values.items()})
     main(cfg)
     records = datasets.load_from_disk(str(tmp_path / "solutions"))
@@ -57,21 +57,8 @@ def test_teacher_names_the_row_without_a_solution(tmp_path: Path) -> None:
     (tmp_path / "p.jsonl").write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
     cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {
         "prompt_set": str(tmp_path / "p.jsonl"), "output_dir": str(tmp_path / "model"),
-        "model": str(tmp_path / "init"), "dataset": str(tmp_path / "solutions"), "hidden_size": "64"})
+        "model": str(tmp_path / "init"), "dataset": str(tmp_path / "solutions"), "hidden_size": "64",
+        "eval_config": "null"})
     with pytest.raises(ValueError, match="prompt q1: no 'solution' text"):
         main(cfg)
 
-
-@pytest.mark.slow
-def test_reduced_demo_distilled_student_beats_the_untrained_one(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--out", str(out), "--quick"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    models = json.loads((out / "eval" / "report.json").read_text())["models"]
-    assert models["teacher"]["pass@1"] >= 0.9, models
-    assert models["student-sft"]["pass@1"] >= models["untrained"]["pass@1"] + 0.2, models
-    curation = json.loads((out / "traces" / "curation.json").read_text())
-    assert 0 < curation["samples_out"] < curation["samples_in"], "the traces were verified and filtered"
-    for path in ("eval/report.md", "eval/accuracy.png", "timings.json"):
-        assert (out / path).is_file() and str(out / path) in result.stdout

