@@ -1,7 +1,8 @@
 """Benchmark: the generate stage's output tokens/s against plain `vllm.LLM.generate`.
 
 One engine serves all, on the same prompts, sampling parameters and engine settings: plain
-vLLM with a seed per request, plain vLLM unseeded, and the stage (a seed per sample). They
+vLLM with the stage's requests (one per sample, each with its seed), plain vLLM unseeded (one
+request of n samples per prompt), and the stage. They
 take turns for several repetitions and the median ratios are quoted. The stage's time is its
 whole `generate()` call: rendering, shards, the saved dataset and the exports included.
 
@@ -19,24 +20,33 @@ from pathlib import Path
 
 from _common import machine, save
 from pipeline.engine import build_engine
-from pipeline.generate import GenerateConfig, generate
+from pipeline.generate import GenerateConfig, generate, sample_seed
 from pipeline.prompts import load_prompts, render
 from pipeline.tiny import build_model
 
 
 def plain_vllm(llm, cfg: GenerateConfig, seeded: bool) -> tuple[int, float]:
-    """What a user writes without this project, at its best: chat-rendered prompts, n samples
-    per request, every temperature in one generate call (so the batch never drains between).
-    Seeded: one seed per request (reproducible); unseeded: vLLM's global generator (fastest)."""
+    """What a user writes without this project: chat-rendered prompts, every temperature in one
+    generate call (so the batch never drains between). Seeded: the stage's very requests, one
+    per sample with its own seed (reproducible, resumable per sample). Unseeded: one request of
+    n samples per prompt on vLLM's global generator (the fastest vLLM can do; not reproducible)."""
     from vllm import SamplingParams
 
+    start = time.perf_counter()  # from the prompts on, as the stage's time is: rendering and params included
     tokenizer = llm.get_tokenizer()
-    texts = [render(tokenizer, p) for p in load_prompts(cfg).prompts]
-    params = [SamplingParams(n=cfg.num_samples, temperature=t, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_tokens=cfg.max_tokens, seed=cfg.seed + n if seeded else None)
-              for t in cfg.temperatures for n, _ in enumerate(texts)]
-    start = time.perf_counter()
-    outputs = llm.generate(texts * len(cfg.temperatures), params, use_tqdm=False)
+    prompts = load_prompts(cfg).prompts
+    texts, params = [], []
+    for t in cfg.temperatures:
+        for p in prompts:
+            common = dict(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens)
+            if seeded:
+                texts += [render(tokenizer, p)] * cfg.num_samples
+                params += [SamplingParams(**common, seed=sample_seed(cfg.seed, p.id, t, i))
+                           for i in range(cfg.num_samples)]
+            else:
+                texts.append(render(tokenizer, p))
+                params.append(SamplingParams(**common, n=cfg.num_samples))
+    outputs = llm.generate(texts, params, use_tqdm=False)
     tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
     return tokens, time.perf_counter() - start
 

@@ -7,7 +7,7 @@ given its share of the work. A stage hands `run_replicas` a job, a generator fun
 comes back to this process, which is the only writer (`sink`). Transports:
 
 - one replica, no Ray: the job runs here, on `llm` if given;
-- local processes (spawn): items come back through a multiprocessing queue;
+- local processes (spawn): items come back through a pipe per replica;
 - Ray actors (`ray_address`): items come back through Ray's object store (streaming
   generators), so the workers need no shared filesystem, only the model (a hub id, or a path
   every node has) and this project installed.
@@ -98,17 +98,16 @@ def shutdown(llm: Any) -> None:
 
 # ---------------------------------------------------------------------------- placement
 
-def pin_replica(cfg: Any, local_index: int, local_count: int, gpu: bool, set_gpus: bool = True) -> None:
+def pin_replica(cfg: Any, local_index: int, local_count: int, gpus: list[str] | None) -> None:
     """Give replica `local_index` of the `local_count` on this machine its own devices. Called in
-    the replica's process before vLLM starts."""
+    the replica's process before vLLM starts. `gpus`: the machine's GPUs, listed by the parent (a
+    child that asked CUDA itself would be bound to every GPU); None where Ray assigns them or on CPU."""
     per_replica = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    if gpu:
-        if set_gpus:  # Ray sets CUDA_VISIBLE_DEVICES for its actors itself
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            import torch
-            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(_group(devices, local_index, local_count, per_replica))
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(_group(gpus, local_index, local_count, per_replica))
         return
+    if on_gpu():
+        return  # a Ray actor: Ray set CUDA_VISIBLE_DEVICES from its num_gpus
     # CPU: two engines left on vLLM's default binding would bind the same cores.
     cores = _group(sorted(os.sched_getaffinity(0)), local_index, local_count, per_replica)
     os.sched_setaffinity(0, cores)  # an in-process engine computes in this process
@@ -126,6 +125,13 @@ def _group(items: list, index: int, count: int, per_replica: int) -> list:
     return items[index * size:(index + 1) * size]
 
 
+def visible_gpus() -> list[str]:
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
 # ---------------------------------------------------------------------------- replicas
 
 def run_replicas(cfg: Any, job: Job, shares: list[Any], sink: Callable[[int, Any], None], llm: Any = None) -> list[Any]:
@@ -133,22 +139,15 @@ def run_replicas(cfg: Any, job: Job, shares: list[Any], sink: Callable[[int, Any
     `sink(replica, item)` here; return the jobs' results in share order."""
     if llm is not None or (len(shares) == 1 and cfg.ray_address is None):
         return [_drain(_events(job, cfg, shares[0], llm), 0, sink)]
-    events: Any
-    if cfg.ray_address is None:
-        events, stop = _start_processes(cfg, job, shares)
-    else:
-        events, stop = _start_ray_actors(cfg, job, shares)
-    results, failures, suspects = {}, {}, {}
+    # Each replica's events come through a thread of its own into one bounded queue; a replica
+    # that dies ends its stream with an "error" event, so this loop never waits on the dead.
+    events: queue.Queue = queue.Queue(maxsize=4)
+    start = _start_processes if cfg.ray_address is None else _start_ray_actors
+    close = start(cfg, job, shares, events)
+    results, failures = {}, {}
     try:
         while len(results) + len(failures) < len(shares):
-            try:
-                replica, kind, payload = events.get(timeout=1.0)
-            except queue.Empty:
-                # Dead at two quiet checks in a row: whatever it sent before dying has arrived.
-                dead = stop.dead(set(results) | set(failures))
-                failures.update({r: why for r, why in dead.items() if r in suspects})
-                suspects = dead
-                continue
+            replica, kind, payload = events.get()
             if kind == "item":
                 sink(replica, payload)
             elif kind == "done":
@@ -156,7 +155,7 @@ def run_replicas(cfg: Any, job: Job, shares: list[Any], sink: Callable[[int, Any
             else:
                 failures[replica] = payload
     finally:
-        stop.close()
+        close()
     if failures:
         detail = "\n".join(f"replica {r}: {why}" for r, why in sorted(failures.items()))
         raise RuntimeError(f"{len(failures)} of {len(shares)} replicas failed; what the others stored is kept: "
@@ -183,55 +182,66 @@ def _drain(events: Iterator[tuple[str, Any]], replica: int, sink: Callable[[int,
         sink(replica, payload)
 
 
-class _Processes:
-    def __init__(self, procs: list[Any]) -> None:
-        self.procs = procs
-
-    def dead(self, finished: set[int]) -> dict[int, str]:
-        return {r: f"its process exited with code {p.exitcode} before finishing"
-                for r, p in enumerate(self.procs) if r not in finished and p.exitcode is not None}
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+def _forward(replica: int, stream: Iterator[tuple[str, Any]], events: queue.Queue) -> None:
+    """Pass one replica's (kind, payload) stream on to `events`; its end without "done" is an error."""
+    try:
+        for kind, payload in stream:
+            events.put((replica, kind, payload))
+            if kind != "item":
+                return
+        events.put((replica, "error", "it stopped before finishing"))
+    except Exception as err:  # the process died (EOFError), or the Ray actor did
+        events.put((replica, "error", f"{type(err).__name__}: {err}"[-2000:]))
 
 
-def _start_processes(cfg: Any, job: Job, shares: list[Any]) -> tuple[Any, _Processes]:
+def _start_processes(cfg: Any, job: Job, shares: list[Any], events: queue.Queue) -> Callable[[], None]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # vLLM and CUDA do not survive fork
-    events = context.Queue(maxsize=4)  # bounded: a replica waits rather than piling shards up here
-    gpu = on_gpu()
-    procs = [context.Process(target=_process_main, args=(job, cfg, share, r, len(shares), gpu, events),
-                             name=f"replica-{r}", daemon=False) for r, share in enumerate(shares)]
-    for p in procs:
-        p.start()
-    return events, _Processes(procs)
+    gpus = visible_gpus() if on_gpu() else None
+    procs = []
+    for r, share in enumerate(shares):
+        reader, writer = context.Pipe(duplex=False)  # one pipe each: a replica killed mid-message hurts no other
+        proc = context.Process(target=_process_main, args=(job, cfg, share, r, len(shares), gpus, writer),
+                               name=f"replica-{r}")
+        proc.start()
+        writer.close()  # only the child writes: its death then reads as end of file here
+        procs.append(proc)
+        threading.Thread(target=_forward, args=(r, _received(reader), events), daemon=True).start()
+
+    def close() -> None:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return close
 
 
-def _process_main(job: Job, cfg: Any, share: Any, replica: int, count: int, gpu: bool, events: Any) -> None:
+def _received(reader: Any) -> Iterator[tuple[str, Any]]:
+    while True:
+        yield reader.recv()
+
+
+def _process_main(job: Job, cfg: Any, share: Any, replica: int, count: int, gpus: list[str] | None,
+                  writer: Any) -> None:
+    _die_with_parent()
     try:
-        pin_replica(cfg, replica, count, gpu)
-        for kind, payload in _events(job, cfg, share):
-            events.put((replica, kind, payload))
+        pin_replica(cfg, replica, count, gpus)
+        for event in _events(job, cfg, share):
+            writer.send(event)
     except BaseException:
-        events.put((replica, "error", traceback.format_exc(limit=-3)))
+        writer.send(("error", traceback.format_exc(limit=-3)))
 
 
-class _RayActors:
-    def __init__(self, ray: Any, actors: list[Any], started_ray: bool) -> None:
-        self.ray, self.actors, self.started_ray = ray, actors, started_ray
+def _die_with_parent() -> None:
+    """A replica whose driver was killed would hold its GPUs forever: have Linux kill it too."""
+    import ctypes
+    import signal
 
-    def dead(self, finished: set[int]) -> dict[int, str]:
-        return {}  # a dead actor raises in its consumer thread, which reports it
-
-    def close(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
-        if self.started_ray:
-            self.ray.shutdown()
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 class RayReplica:
@@ -241,35 +251,43 @@ class RayReplica:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, job: Job, cfg: Any, share: Any, local_index: int, local_count: int, gpu: bool) -> Iterator[Any]:
-        pin_replica(cfg, local_index, local_count, gpu, set_gpus=False)
+    def run(self, job: Job, cfg: Any, share: Any, local_index: int, local_count: int) -> Iterator[Any]:
+        pin_replica(cfg, local_index, local_count, None)
         yield from _events(job, cfg, share)
 
 
-def _start_ray_actors(cfg: Any, job: Job, shares: list[Any]) -> tuple[Any, _RayActors]:
+def _start_ray_actors(cfg: Any, job: Job, shares: list[Any], events: queue.Queue) -> Callable[[], None]:
     try:
         import ray
     except ImportError:
         raise RuntimeError("ray_address is set but Ray is not installed: pip install -e '.[ray]'") from None
     started = not ray.is_initialized()
     if started:  # local: a new Ray instance on this machine; auto or host:port: join a running cluster
-        ray.init(address=None if cfg.ray_address == "local" else cfg.ray_address, include_dashboard=False)
-    gpu = ray.cluster_resources().get("GPU", 0) > 0
-    devices = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    actor_cls = ray.remote(num_cpus=1, num_gpus=devices if gpu else 0)(RayReplica)
-    actors = [actor_cls.remote() for _ in shares]
-    nodes = ray.get([a.node.remote() for a in actors])
-    events: queue.Queue = queue.Queue(maxsize=4)
+        ray.init(address=cfg.ray_address, include_dashboard=False)
+    actors: list[Any] = []
 
-    def consume(replica: int, generator: Any) -> None:
-        try:
-            for ref in generator:
-                events.put((replica, *ray.get(ref)))
-        except Exception as err:  # the actor died or its job raised
-            events.put((replica, "error", f"{type(err).__name__}: {err}"[-2000:]))
+    def close() -> None:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
 
-    for r, (actor, share) in enumerate(zip(actors, shares)):
-        local_index, local_count = nodes[:r].count(nodes[r]), nodes.count(nodes[r])
-        generator = actor.run.options(num_returns="streaming").remote(job, cfg, share, local_index, local_count, gpu)
-        threading.Thread(target=consume, args=(r, generator), daemon=True).start()
-    return events, _RayActors(ray, actors, started)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        devices = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+        if gpus and gpus < devices * len(shares):  # Ray would wait forever for the missing GPUs
+            raise ValueError(f"{len(shares)} replicas x {devices} GPUs need {devices * len(shares)}; the Ray "
+                             f"cluster has {gpus:g}: lower data_parallel_size")
+        actor_cls = ray.remote(num_cpus=1, num_gpus=devices if gpus else 0)(RayReplica)
+        actors += [actor_cls.remote() for _ in shares]
+        nodes = ray.get([a.node.remote() for a in actors], timeout=600)
+        for r, (actor, share) in enumerate(zip(actors, shares)):
+            local_index, local_count = nodes[:r].count(nodes[r]), nodes.count(nodes[r])
+            # At most 2 shards ahead of the driver per actor: Ray's default is no limit.
+            stream = actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote(
+                job, cfg, share, local_index, local_count)
+            threading.Thread(target=_forward, args=(r, (ray.get(ref) for ref in stream), events), daemon=True).start()
+    except BaseException:
+        close()
+        raise
+    return close

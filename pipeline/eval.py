@@ -9,7 +9,8 @@ pass@k, maj@k (cons@k), share truncated, mean completion tokens. Two backends:
 - transformers: HF generate, prompts split across `accelerate launch` processes and gathered.
 
     output_dir/generations/<model>/   each model's samples, reused by a rerun with the same protocol and
-                                      the same model files (a model retrained in place is sampled again)
+                                      the same model files (a model retrained in place is sampled again);
+                                      its protocol and model fingerprint in generations/<model>.protocol.json
     output_dir/samples.jsonl          every sample with its score, all models (recompute any metric)
     output_dir/report.json, report.md, accuracy.png
 """
@@ -116,16 +117,20 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
 def sample_model(cfg: EvalConfig, name: str, path: str, prompts: list, out: Path) -> list[dict[str, Any]]:
     """The model's k samples per prompt as records, from disk when this protocol made them from
-    these very model files (see model_fingerprint)."""
+    these very model files (see model_fingerprint). The protocol goes beside the samples before
+    sampling starts, so an interrupted run resumes only into samples of the same model."""
     wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": model_fingerprint(path)}
-    done = out / "samples"
-    if (out / "protocol.json").is_file():
-        if json.loads((out / "protocol.json").read_text()) == wanted and done.is_dir():
-            import datasets
-            print(f"{name}: reusing {done}")
-            return datasets.load_from_disk(str(done)).to_list()
-        if _is_main_process(cfg):  # made under another protocol: start this model again
-            shutil.rmtree(out)
+    protocol_file, done = out.with_name(out.name + ".protocol.json"), out / "samples"
+    saved = json.loads(protocol_file.read_text()) if protocol_file.is_file() else None
+    if saved == {**wanted, "complete": True} and done.is_dir():
+        import datasets
+        print(f"{name}: reusing {done}")
+        return datasets.load_from_disk(str(done)).to_list()
+    stale = saved is None or {k: v for k, v in saved.items() if k != "complete"} != wanted
+    if stale and _is_main_process(cfg):  # another model or protocol made what is there: start again
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        protocol_file.write_text(json.dumps({**wanted, "complete": False}, indent=2) + "\n")
     if cfg.backend == "vllm":
         rows = _sample_vllm(cfg, path, out)
     else:
@@ -134,7 +139,7 @@ def sample_model(cfg: EvalConfig, name: str, path: str, prompts: list, out: Path
             import datasets
             save_dataset(datasets.Dataset.from_list(rows), done)
     if rows is not None:
-        (out / "protocol.json").write_text(json.dumps(wanted, indent=2) + "\n")
+        protocol_file.write_text(json.dumps({**wanted, "complete": True}, indent=2) + "\n")
     return rows or []
 
 
@@ -165,7 +170,8 @@ def model_fingerprint(path: str) -> str:
 
 def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
     keys = ("prompt_set", "split", "id_column", "prompt_column", "answer_column", "system_column", "template",
-            "system_prompt", "max_prompts", "num_samples", "temperature", "top_p", "max_tokens", "seed", "backend")
+            "system_prompt", "max_prompts", "num_samples", "temperature", "top_p", "max_tokens", "seed", "backend",
+            "dtype", "max_model_len")
     return {k: v for k, v in config_to_dict(cfg).items() if k in keys}
 
 

@@ -85,6 +85,8 @@ class GenerateConfig(CurateConfig, EngineConfig, PromptSource):
             raise ValueError(f"temperatures has a repeated value: {self.temperatures}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+        if not self.think_start or not self.think_end:
+            raise ValueError("think_start and think_end must be non-empty tags, e.g. <think> and </think>")
 
 
 def check_sampling(cfg: Any) -> None:
@@ -115,14 +117,16 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
 
     units = [(p.id, t, i) for p in prompts for t in cfg.temperatures for i in range(cfg.num_samples)]
     shards = out / "shards"
-    todo = [u for u in units if u not in stored_keys(shards)]
+    done = stored_keys(shards)
+    todo = [u for u in units if u not in done]
     shares = split_work(prompts, todo, 1 if llm is not None else cfg.data_parallel_size)
     started = time.perf_counter()
     with tqdm(total=len(units), initial=len(units) - len(todo), desc="generate", unit="sample") as bar:
         def store(replica: int, table: Any) -> None:
             write_shard(shards, table, replica)
             bar.update(table.num_rows)
-        results = run_replicas(cfg, sample_shards, shares, store, llm)
+        # Nothing left (a finished run started again): start no engine, no process, no Ray.
+        results = run_replicas(cfg, sample_shards, shares, store, llm) if todo else []
     elapsed = time.perf_counter() - started
 
     # Prompts too long for the context are skipped by the replica that had them, every run.
@@ -131,6 +135,9 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     if skipped:
         print(f"skipped {len(skipped)} prompt(s) longer than max_model_len: see {out / 'skipped.jsonl'}")
     skipped_ids = {s["id"] for s in skipped}
+    if len(skipped_ids) == len(prompts):
+        raise ValueError(f"every prompt is longer than the model's context (max_model_len {skipped[0]['max_model_len']}):"
+                         f" nothing to sample; see {out / 'skipped.jsonl'} and raise max_model_len")
     cache = out / ".cache"
     dataset = assemble(shards, [u for u in units if u[0] not in skipped_ids], cache)
     summary = summarize(dataset, n_prompts=len(prompts), skipped=len(skipped), seconds=elapsed,
@@ -161,12 +168,12 @@ def split_work(prompts: list[Prompt], todo: list[tuple], replicas: int) -> list[
 def sample_shards(cfg: GenerateConfig, share: list[tuple[Prompt, list]], llm: Any = None) -> Iterator[Any]:
     """One replica's work: sample its share, yield a shard table every `shard_size` samples, and
     return {"skipped": prompts too long for the context, "tokens": completion tokens}."""
+    if not share:  # a replica with no work starts no engine
+        return {"skipped": [], "tokens": 0}
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    if not share:  # a replica with no work starts no engine
-        return {"skipped": [], "tokens": 0}
     own_engine = llm is None
     llm = llm or build_engine(cfg)
     try:

@@ -74,6 +74,7 @@ def stored_keys(shards: Path) -> dict[tuple, Path]:
 def assemble(shards: Path, units: list[tuple], cache_dir: Path) -> Any:
     """The shards as one memory-mapped dataset in `units` order, each unit exactly once."""
     import datasets
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = shard_files(shards)
@@ -91,7 +92,10 @@ def assemble(shards: Path, units: list[tuple], cache_dir: Path) -> Any:
                            "run the same command again to sample them")
     if not files:
         raise RuntimeError(f"{shards}: no samples to assemble")
-    dataset = datasets.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir))
+    # One schema for all shards: a shard whose reference answers are all missing has a null column.
+    schema = pa.unify_schemas([pq.read_schema(p) for p in files], promote_options="permissive")
+    dataset = datasets.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir),
+                                            features=datasets.Features.from_arrow_schema(schema))
     release_memory()
     return dataset.select([row_of[u] for u in units])
 

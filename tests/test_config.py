@@ -85,21 +85,6 @@ def test_cli_reports_unknown_key_without_starting_anything() -> None:
     assert "unknown config key 'temprature' in the command line. Did you mean 'temperatures'?" in result.stderr
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_readme_documents_every_config_key(stage: str) -> None:
-    import dataclasses
-    import importlib
-
-    module, name = STAGES[stage]
-    cls = getattr(importlib.import_module(module), name)
-    # Keys this project declares; inherited library ones (TRL's SFTConfig) are documented there.
-    ours = {key for base in cls.__mro__ if base.__module__.startswith("pipeline")
-            for key in vars(base).get("__annotations__", {})}
-    readme = (ROOT / "README.md").read_text()
-    missing = [f.name for f in dataclasses.fields(cls) if f.name in ours and f"`{f.name}`" not in readme]
-    assert not missing, f"README.md's config reference lacks {missing}"
-
-
 def test_yaml_1_1_traps_are_avoided(tmp_path: Path) -> None:
     """`no`/`off` stay strings (YAML 1.1 reads them as false) and 1e-5 is a number."""
     from pipeline.sft import SFTStageConfig

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.engine import run_replicas
 from pipeline.generate import GenerateConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def write_config(tmp_path: Path, model: Path, **extra) -> Path:
     path = tmp_path / "generate.yaml"
     path.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "traces"), "model": str(model), "prompt_set": str(ROOT / "prompts/arithmetic"),
-        "split": "test", "max_prompts": 40, "temperatures": [0.6, 1.0], "num_samples": 2, "max_tokens": 96,
+        "split": "test", "max_prompts": 24, "temperatures": [0.6, 1.0], "num_samples": 2, "max_tokens": 64,
         "max_model_len": 512, "dtype": "float32", "shard_size": 4, "enforce_eager": True, "curate": False,
         "export": [], "data_parallel_size": 2, **extra}))
     return path
@@ -74,7 +75,7 @@ def finish_and_compare(config: Path, tiny_qwen: Path, tiny_engine, tmp_path: Pat
     import datasets
     replicas = datasets.load_from_disk(str(config.parent / "traces" / "samples"))
     keys = [(r["prompt_id"], r["temperature"], r["sample_index"]) for r in replicas]
-    assert len(keys) == len(set(keys)) == 40 * 2 * 2
+    assert len(keys) == len(set(keys)) == 24 * 2 * 2
     assert 0 < shards_before
 
     # One engine, same config: the same units (texts may differ where batch composition changes the numerics).
@@ -100,7 +101,7 @@ def test_two_process_replicas_survive_a_killed_replica(tmp_path: Path, tiny_qwen
     # Nothing left to do: both replicas get no work, and neither hangs the other.
     again = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", str(config)], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "reused from disk: 160" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "reused from disk: 96" in again.stdout, again.stderr[-2000:]
 
 
 def test_two_ray_actors_on_a_local_ray_instance(tmp_path: Path, tiny_qwen: Path, tiny_engine) -> None:
@@ -112,3 +113,23 @@ def test_two_ray_actors_on_a_local_ray_instance(tmp_path: Path, tiny_qwen: Path,
 
     kill_one_replica_mid_run(config, is_replica)
     finish_and_compare(config, tiny_qwen, tiny_engine, tmp_path)
+
+
+def stand_in_job(cfg: GenerateConfig, share: list[str], llm) -> object:
+    """A stand-in for generate's sample_shards, without an engine: yields its share, returns its size."""
+    for item in share:
+        if item == "boom":
+            raise ValueError("boom")
+        yield item
+    return len(share)
+
+
+def test_a_replica_with_no_work_or_a_failing_one_does_not_hang_the_others() -> None:
+    cfg = GenerateConfig(data_parallel_size=2)
+    got: list = []
+    assert run_replicas(cfg, stand_in_job, [["a", "b"], []], lambda r, item: got.append((r, item))) == [2, 0]
+    assert got == [(0, "a"), (0, "b")]
+    got.clear()
+    with pytest.raises(RuntimeError, match=r"1 of 2 replicas failed(.|\n)*replica 0:(.|\n)*ValueError: boom"):
+        run_replicas(cfg, stand_in_job, [["a", "boom"], ["c", "d"]], lambda r, item: got.append((r, item)))
+    assert sorted(got) == [(0, "a"), (1, "c"), (1, "d")]
