@@ -252,10 +252,20 @@ class KDTrainer(SFTTrainer):
             chunk_size=self.kd.kd_chunk_size, num_items_in_batch=num_items_in_batch, vocab_size=self.vocab_size,
             **kwargs)
         loss = combine(losses["ce_loss"], losses["kd_loss"], self.kd.kd_alpha)
+        # Each process's loss is its tokens' share of the all-process batch (num_items_in_batch is
+        # gathered over processes). DDP averages gradients over processes, so, as transformers'
+        # Trainer.compute_loss does, scale by their number, or loss and gradients are 1/N of the truth.
+        global_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
+        scale = self.accelerator.num_processes if global_count else 1
+        # Logged: what one process with the whole batch would log. Shares add up over processes, and
+        # over the accumulation steps the logged mean runs over.
+        shares = torch.stack([losses["ce_loss"], losses["kd_loss"]]).detach()
+        shares = self.accelerator.reduce(shares, "sum" if global_count else "mean")
+        steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
         mode = "train" if model.training else "eval"
-        for key in ("ce_loss", "kd_loss"):
-            self._metrics[mode][key].append(losses[key].detach().item())
-        return (loss, student) if return_outputs else loss
+        for key, value in zip(("ce_loss", "kd_loss"), (shares * steps).tolist()):
+            self._metrics[mode][key].append(value)
+        return (loss * scale, student) if return_outputs else loss * scale
 
 
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "completion_token_ids")
