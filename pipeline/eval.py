@@ -85,8 +85,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         save_config(cfg, out / "config.yaml")
 
     samples, skipped = [], {}
+    fingerprints = {name: model_fingerprint(path) for name, path in cfg.model_list()}
     for name, path in cfg.model_list():
-        rows = sample_model(cfg, name, path, prompt_set.prompts, out / "generations" / name)
+        rows = sample_model(cfg, name, path, fingerprints[name], prompt_set.prompts, out / "generations" / name)
         if is_main:
             samples += [{"model": name, **r} for r in rows]
             skipped[name] = _skipped_ids(out / "generations" / name / "skipped.jsonl")
@@ -101,7 +102,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         r.update(verdict=verdict, extracted_answer=extracted, correct=verdict == "correct")
     (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
 
-    report = {"protocol": protocol(cfg, scorer, prompt_set.source, n_prompts),
+    report = {"protocol": {**protocol(cfg, scorer, prompt_set.source, n_prompts), "model_fingerprints": fingerprints},
               "models": {name: {**metrics([r for r in samples if r["model"] == name], cfg.num_samples),
                                 "skipped_too_long": skipped[name]}
                          for name, _ in cfg.model_list()}}
@@ -115,11 +116,12 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- sampling
 
-def sample_model(cfg: EvalConfig, name: str, path: str, prompts: list, out: Path) -> list[dict[str, Any]]:
+def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompts: list,
+                 out: Path) -> list[dict[str, Any]]:
     """The model's k samples per prompt as records, from disk when this protocol made them from
     these very model files (see model_fingerprint). The protocol goes beside the samples before
     sampling starts, so an interrupted run resumes only into samples of the same model."""
-    wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": model_fingerprint(path)}
+    wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": fingerprint}
     protocol_file, done = out.with_name(out.name + ".protocol.json"), out / "samples"
     saved = json.loads(protocol_file.read_text()) if protocol_file.is_file() else None
     if saved == {**wanted, "complete": True} and done.is_dir():
@@ -178,10 +180,14 @@ def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
 def _sample_vllm(cfg: EvalConfig, path: str, out: Path) -> list[dict[str, Any]]:
     """The generate stage, curation off: seeded per sample, resumable, skips over-long prompts, and
     splits the prompts over `data_parallel_size` replicas (local processes or Ray actors)."""
+    return generate(generate_config(cfg, path, out)).to_list()  # its replicas start and stop with it
+
+
+def generate_config(cfg: EvalConfig, path: str, out: Path) -> GenerateConfig:
+    """The generate stage's config that samples `path` under this eval's protocol and engine keys."""
     shared = {k: v for k, v in config_to_dict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
-    gen = GenerateConfig(**{**shared, "model": path, "output_dir": str(out), "temperatures": [cfg.temperature],
-                            "curate": False, "export": []})
-    return generate(gen).to_list()  # its engine replicas (data_parallel_size) start and stop with it
+    return GenerateConfig(**{**shared, "model": path, "output_dir": str(out), "temperatures": [cfg.temperature],
+                             "curate": False, "export": []})
 
 
 def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict[str, Any]] | None:
@@ -298,8 +304,7 @@ def metrics(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
 def protocol(cfg: EvalConfig, scorer: str, source: str, n_prompts: int) -> dict[str, Any]:
     return {"prompts": source, "split": cfg.split, "n_prompts": n_prompts, "k": cfg.num_samples,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
-            "scorer": scorer, "backend": cfg.backend, "models": dict(cfg.model_list()),
-            "model_fingerprints": {name: model_fingerprint(path) for name, path in cfg.model_list()}}
+            "scorer": scorer, "backend": cfg.backend, "models": dict(cfg.model_list())}
 
 
 def report_markdown(report: dict[str, Any]) -> str:

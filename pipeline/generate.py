@@ -5,8 +5,8 @@ so a run reproduces and samples differ. With `data_parallel_size: N` the prompts
 N engine replicas (local processes, or Ray actors with `ray_address`; pipeline/engine.py). Samples
 go to shard files as they finish, written atomically; a killed run started again with the same
 command samples only what no shard holds. Requests enter each engine through a bounded window
-and the dataset and exports are written from the shards in batches, so memory does not grow
-with the run.
+and the dataset and exports are written from the shards in batches: a run's samples never sit
+in memory all at once.
 
     output_dir/config.yaml         the resolved config (one that samples differently is refused)
     output_dir/shards/*.parquet    finished work, for resume (shard-r<replica>-<n>)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -189,7 +190,7 @@ def sample_shards(cfg: GenerateConfig, share: list[tuple[Prompt, list]], llm: An
                 if len(ids) >= context:  # vLLM would fail the request: it needs room for one output token
                     skipped.append({"id": prompt.id, "prompt_tokens": len(ids), "max_model_len": context})
                     continue
-                opened = opened_think(text, cfg.think_start, cfg.think_end)
+                opened = opened_think(text, cfg.think_start)
                 for t, i in samples:
                     yield prompt, t, i, ids, opened
 
@@ -198,15 +199,13 @@ def sample_shards(cfg: GenerateConfig, share: list[tuple[Prompt, list]], llm: An
         window = 2 * engine.vllm_config.scheduler_config.max_num_seqs
         pending, in_flight, tokens, records = requests(), {}, 0, []
         while True:
-            for prompt, t, i, ids, opened in pending if len(in_flight) < window else ():
+            for prompt, t, i, ids, opened in itertools.islice(pending, window - len(in_flight)):
                 params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                                         seed=sample_seed(cfg.seed, prompt.id, t, i), logprobs=cfg.logprobs or None,
                                         flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
                 request_id = f"{prompt.id}|{t!r}|{i}"
                 in_flight[request_id] = (prompt, t, i, opened)
                 engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
-                if len(in_flight) >= window:
-                    break
             if not in_flight:
                 break
             for output in engine.step():
@@ -223,7 +222,7 @@ def sample_shards(cfg: GenerateConfig, share: list[tuple[Prompt, list]], llm: An
             shutdown(llm)
 
 
-def opened_think(rendered_prompt: str, start: str, end: str) -> str:
+def opened_think(rendered_prompt: str, start: str) -> str:
     """The think block a chat template opens at the end of the generation prompt (R1-Distill,
     QwQ, Qwen3 thinking: '<think>\\n'), exactly as written; '' when it opens none."""
     _, found, tail = rendered_prompt.rpartition(start)

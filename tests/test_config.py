@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -108,13 +108,16 @@ def test_engine_arguments_build_a_vllm_engine_config(path: Path, extra: dict, tm
     from vllm.engine.arg_utils import EngineArgs
 
     from pipeline.engine import engine_kwargs
+    from pipeline.eval import EvalConfig, generate_config
     from pipeline.tiny import build_model
 
     stand_in = tmp_path_factory.getbasetemp() / "long-context-stand-in"
     if not stand_in.exists():
         build_model(stand_in, max_position_embeddings=131072)
     cfg = load_config(config_class(path), path, extra)
-    kwargs = engine_kwargs(types.SimpleNamespace(**{**vars(cfg), "model": str(stand_in)}), gpu=True)
+    if isinstance(cfg, EvalConfig):  # eval samples each model through the generate stage's config
+        cfg = generate_config(cfg, str(stand_in), tmp_path_factory.getbasetemp())
+    kwargs = engine_kwargs(dataclasses.replace(cfg, model=str(stand_in)), gpu=True)
     assert "data_parallel_size" not in kwargs
     engine = EngineArgs(**kwargs).create_engine_config()
     assert engine.parallel_config.world_size == cfg.tensor_parallel_size * cfg.pipeline_parallel_size

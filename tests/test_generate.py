@@ -240,3 +240,20 @@ def test_overwrite_is_refused_in_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command line"):
         load_config(GenerateConfig, path)
     assert load_config(GenerateConfig, None, {"overwrite": "true"}).overwrite
+
+
+def test_requests_enter_the_engine_through_a_bounded_window(tmp_path: Path, tiny_qwen: Path, llm,
+                                                           monkeypatch) -> None:
+    """800 requests, a window of twice max_num_seqs (512 on this engine): never more in the engine."""
+    engine = llm.llm_engine
+    window = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    add, most = engine.add_request, [0]
+
+    def counted(*args, **kwargs):
+        add(*args, **kwargs)
+        most[0] = max(most[0], engine.get_num_unfinished_requests())
+
+    monkeypatch.setattr(engine, "add_request", counted)
+    ds = generate(config(tmp_path, tiny_qwen, max_prompts=200, num_samples=2, max_tokens=2, curate=False,
+                         export=[]), llm)
+    assert len(ds) == 200 * 2 * 2 > window and most[0] == window

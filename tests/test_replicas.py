@@ -7,6 +7,7 @@ unit exactly once, the same units a single engine makes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,6 +114,23 @@ def test_two_ray_actors_on_a_local_ray_instance(tmp_path: Path, tiny_qwen: Path,
 
     kill_one_replica_mid_run(config, is_replica)
     finish_and_compare(config, tiny_qwen, tiny_engine, tmp_path)
+
+
+def test_eval_on_two_replicas_scores_as_one_engine(tmp_path: Path, tiny_qwen: Path) -> None:
+    """The eval stage's vLLM backend is the generate stage per model: 2 replicas split its prompts."""
+    from pipeline.eval import EvalConfig, main
+
+    def evaluate(out: str, replicas: int) -> tuple[dict, list]:
+        report = main(load_config(EvalConfig, None, {
+            "models": f"qwen={tiny_qwen}", "prompt_set": str(ROOT / "prompts/arithmetic"), "max_prompts": 6,
+            "num_samples": 2, "max_tokens": 16, "dtype": "float32", "max_model_len": 512, "enforce_eager": True,
+            "score_workers": 1, "output_dir": str(tmp_path / out), "data_parallel_size": replicas}))
+        rows = [json.loads(line) for line in (tmp_path / out / "samples.jsonl").open()]
+        return report["models"], sorted((r["prompt_id"], r["sample_index"], r["completion"][0]["content"]) for r in rows)
+
+    two, one = evaluate("two", 2), evaluate("one", 1)
+    assert len(one[1]) == 6 * 2 and two == one
+    assert sorted((tmp_path / "two/generations/qwen/shards").glob("shard-r001-*.parquet")), "replica 1 sampled"
 
 
 def stand_in_job(cfg: GenerateConfig, share: list[str], llm) -> object:
