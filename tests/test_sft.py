@@ -177,24 +177,36 @@ def test_accelerate_configs_are_valid() -> None:
         assert config["distributed_type"] == kind
 
 
-@pytest.mark.parametrize("kd", ["none", "online"])
-def test_two_processes_match_one_with_twice_the_batch(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path,
-                                                     kd: str) -> None:
-    """Real 2-process DDP on CPU (gloo): trains, saves, and logs what 1 process with twice the
-    batch logs: loss, grad_norm and (KD) ce_loss and kd_loss."""
+# (processes, per-device batch, accumulation): the same global batch of 8 three ways.
+LAYOUTS = {"one": (1, 8, 1), "two": (2, 4, 1), "accumulated": (1, 1, 8)}
+
+
+@pytest.mark.parametrize("kd", ["none", "online", "offline"])
+def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
+                                                      traces: Path, kd: str) -> None:
+    """1 process with batch 8, 2 real processes (DDP over gloo) with batch 4, and 1 process with
+    batch 1 x 8 accumulation steps log the same loss, grad_norm, ce_loss and kd_loss at each of
+    3 steps, and end with the same weights."""
+    from safetensors.torch import load_file
+
     common = ["--config", "configs/sft.yaml", "--model", str(tiny_qwen), "--dataset", str(traces),
-              "--max_steps", "1", "--logging_steps", "1", "--save_steps", "1", "--seed", "0", "--kd", kd,
+              "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--seed", "0", "--kd", kd,
+              "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
               *(["--teacher", str(tiny_llama)] if kd == "online" else [])]
-    two = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-                          "--num_processes", "2", "-m", "pipeline", "sft", *common,
-                          "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "process 0 of 2 (MULTI_CPU)" in two.stdout and "process 1 of 2 (MULTI_CPU)" in two.stdout
-    assert (tmp_path / "two" / "model.safetensors").is_file()
-    one = subprocess.run([sys.executable, "-m", "pipeline", "sft", *common,
-                          "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    for key in ("loss", "grad_norm", *(("ce_loss", "kd_loss") if kd != "none" else ())):
-        assert losses(tmp_path / "two", key)[0] == pytest.approx(losses(tmp_path / "one", key)[0], rel=1e-3), key
+    for name, (processes, batch, accumulation) in LAYOUTS.items():
+        launch = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                   str(processes)] if processes > 1 else [sys.executable])
+        run = subprocess.run([*launch, "-m", "pipeline", "sft", *common, "--per_device_train_batch_size", str(batch),
+                              "--gradient_accumulation_steps", str(accumulation), "--output_dir", str(tmp_path / name)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"process {processes - 1} of {processes}" in run.stdout
+    keys = ("loss", "grad_norm", *(("ce_loss", "kd_loss") if kd != "none" else ()))
+    reference = load_file(tmp_path / "one" / "model.safetensors")
+    for name in ("two", "accumulated"):
+        for key in keys:
+            assert losses(tmp_path / name, key) == pytest.approx(losses(tmp_path / "one", key), rel=1e-3), (name, key)
+        weights = load_file(tmp_path / name / "model.safetensors")
+        for param, value in reference.items():
+            change = (weights[param] - value).norm() / value.norm()
+            assert change < 1e-4, (name, param, float(change))
