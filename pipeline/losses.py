@@ -99,12 +99,15 @@ def combine(ce_loss: Tensor, kd_loss: Tensor, alpha: float) -> Tensor:
 # ------------------------------------------------------------------- offline top-k teacher
 
 
-def teacher_topk_buckets(topk_logprobs: Tensor, vocab_size: int) -> Tensor:
+def teacher_topk_buckets(topk_logprobs: Tensor, vocab_size: int, rest_logprob: Tensor | None = None) -> Tensor:
     """The teacher's top-k log-probs (at T = 1) plus one "rest" bucket: [..., k] -> [..., k + 1].
 
-    rest = 1 - sum(exp(top-k)), computed in float64 and floored at ``TAIL_FLOOR`` (a tail
-    below fp32 resolution is rounding noise). When k covers the whole vocabulary the tail is
-    empty by definition and gets ``LOG_ZERO``, so k = V reproduces the full distribution.
+    rest = log of the mass outside the top-k: ``rest_logprob`` [...] when the teacher's sampler
+    stored it (the generate stage computes it from vLLM's fp32 values; from stored float16
+    top-k it would be rounding noise), else 1 - sum(exp(top-k)) in float64. Either is floored
+    at ``TAIL_FLOOR`` (a tail below fp32 resolution is rounding noise). When k covers the whole
+    vocabulary the tail is empty by definition and gets ``LOG_ZERO``, so k = V reproduces the
+    full distribution.
     The result is at T = 1; ``soften`` applies the temperature.
 
     Temperature convention: with only k log-probs known, the softened tail
@@ -120,6 +123,8 @@ def teacher_topk_buckets(topk_logprobs: Tensor, vocab_size: int) -> Tensor:
     lp = topk_logprobs
     if lp.shape[-1] >= vocab_size:
         rest = torch.full_like(lp[..., :1], LOG_ZERO)
+    elif rest_logprob is not None:
+        rest = rest_logprob.to(lp.dtype)[..., None].clamp_min(math.log(TAIL_FLOOR))
     else:
         top_mass = torch.logsumexp(lp.double(), dim=-1, keepdim=True)
         rest = (-torch.expm1(top_mass)).clamp_min(TAIL_FLOOR).log().to(lp.dtype)
@@ -228,7 +233,8 @@ class _Opts:
 
 
 def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
-                  t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None) -> tuple[Tensor, Tensor]:
+                  t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None,
+                  rest_lp: Tensor | None) -> tuple[Tensor, Tensor]:
     """Summed divergence (without T^2) and summed CE over one chunk of kept tokens."""
     t = opts.temperature
     if t_h is not None:
@@ -237,13 +243,13 @@ def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor
         return _divergence_sum_(s_lp, t_lp, opts.kind, opts.beta), ce
     s_lp, ce, _ = _student_logprobs(h, w, labels, 1.0)
     s_b = soften(student_topk_buckets(s_lp, topk_ids), t)
-    t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab), t)
+    t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab, rest_lp), t)
     return divergence(s_b, t_b, opts.kind, opts.beta).sum(), ce
 
 
 def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
                        t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None,
-                       g_kd: float, g_ce: float) -> Tensor:
+                       rest_lp: Tensor | None, g_kd: float, g_ce: float) -> Tensor:
     """d(g_kd * kd_sum + g_ce * ce_sum) / d logits for one chunk, in closed form.
 
     Autograd over [chunk, V] would keep ~9 such tensors alive; this keeps about 3, by
@@ -261,7 +267,7 @@ def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: T
         s_lp, _, _ = _student_logprobs(h, w, labels, 1.0)
         b = student_topk_buckets(s_lp, topk_ids)
         s_b = soften(b, t)
-        t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab), t)
+        t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab, rest_lp), t)
         g_b = _log_softmax_backward_(_divergence_grad_(s_b, t_b, opts.kind, opts.beta), s_b).div_(t)
         # Through the coarsening: the rest bucket is logsumexp over the non-top-k ids
         # (d rest / d lp_j = exp(lp_j - rest)), the top-k buckets are plain gathers.
@@ -294,6 +300,7 @@ class _ChunkedKD(torch.autograd.Function):
         t_w: Tensor | None,
         topk_ids: Tensor | None,
         topk_lp: Tensor | None,
+        rest_lp: Tensor | None,
         opts: _Opts,
     ) -> Tensor:
         sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
@@ -303,17 +310,18 @@ class _ChunkedKD(torch.autograd.Function):
             kd, ce = _chunk_values(h[s:e].to(opts.dtype), w32, labels[s:e], opts,
                                    None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
                                    None if topk_ids is None else topk_ids[s:e],
-                                   None if topk_lp is None else topk_lp[s:e])
+                                   None if topk_lp is None else topk_lp[s:e],
+                                   None if rest_lp is None else rest_lp[s:e])
             sums[0] += kd
             sums[1] += ce
-        ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp)
+        ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp)
         ctx.opts = opts
         return sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_sums: Tensor):  # type: ignore[override]
-        h, w, labels, t_h, t_w, topk_ids, topk_lp = ctx.saved_tensors
+        h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp = ctx.saved_tensors
         opts: _Opts = ctx.opts
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_kd, g_ce = grad_sums.tolist()
@@ -328,7 +336,8 @@ class _ChunkedKD(torch.autograd.Function):
             g_z = _chunk_grad_logits(h_c, w32, labels[s:e], opts,
                                      None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
                                      None if topk_ids is None else topk_ids[s:e],
-                                     None if topk_lp is None else topk_lp[s:e], g_kd, g_ce)
+                                     None if topk_lp is None else topk_lp[s:e],
+                                     None if rest_lp is None else rest_lp[s:e], g_kd, g_ce)
             if need_h:
                 grad_h[s:e] = g_z @ w32
             if need_w:
@@ -336,7 +345,7 @@ class _ChunkedKD(torch.autograd.Function):
             del g_z
         if need_w and grad_w.dtype != w.dtype:
             grad_w = grad_w.to(w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -460,6 +469,7 @@ def chunked_kd_loss(
     teacher_lm_head_weight: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_rest_logprob: Tensor | None = None,
     temperature: float = 1.0,
     kind: Kind = "forward_kl",
     beta: float = 0.5,
@@ -480,6 +490,8 @@ def chunked_kd_loss(
         teacher_topk_ids, teacher_topk_logprobs: offline teacher, [kept tokens, k] each, the
             teacher's top-k ids and log-probs at T = 1, rows in the order of the kept
             positions (row-major over labels). Tail handling: ``teacher_topk_buckets``.
+        teacher_rest_logprob: offline teacher, [kept tokens], the log of the mass outside
+            the top-k as the sampler computed it; computed from the top-k when not given.
         temperature: softens both sides of the KD term; CE stays at T = 1.
         kind, beta: see ``divergence`` (beta only for ``"jsd"``).
         chunk_size: kept tokens per chunk; peak memory is about 3 * chunk_size * V * 4 bytes
@@ -509,7 +521,7 @@ def chunked_kd_loss(
         None if b.t_h is None else b.t_h.index_select(0, idx),
         None if teacher_lm_head_weight is None else teacher_lm_head_weight.detach(),
         teacher_topk_ids, None if teacher_topk_logprobs is None else teacher_topk_logprobs.detach(),
-        opts,
+        None if teacher_rest_logprob is None else teacher_rest_logprob.detach(), opts,
     )
     return _normalise(sums[0], sums[1], idx.numel(), num_items_in_batch, temperature)
 
@@ -523,6 +535,7 @@ def naive_kd_loss(
     teacher_lm_head_weight: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_rest_logprob: Tensor | None = None,
     temperature: float = 1.0,
     kind: Kind = "forward_kl",
     beta: float = 0.5,
@@ -552,7 +565,7 @@ def naive_kd_loss(
     else:
         ce_lp = F.log_softmax(F.linear(b.h.to(b.dtype), w), dim=-1)
         s_b = soften(student_topk_buckets(ce_lp[b.keep], teacher_topk_ids), t)
-        t_b = soften(teacher_topk_buckets(teacher_topk_logprobs.to(b.dtype), b.vocab), t)
+        t_b = soften(teacher_topk_buckets(teacher_topk_logprobs.to(b.dtype), b.vocab, teacher_rest_logprob), t)
         kd_sum = divergence(s_b, t_b, kind, beta).sum()
     safe_labels = b.labels.masked_fill(~b.keep, 0)
     ce_sum = -(ce_lp.gather(-1, safe_labels[:, None]).squeeze(1) * b.keep).sum()

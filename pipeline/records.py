@@ -152,6 +152,15 @@ def release_memory() -> None:
         pass
 
 
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """Names a vocabulary: stored token ids mean the same tokens exactly when fingerprints match
+    (R1-Distill-Qwen and Qwen2.5 share a size but not their special tokens)."""
+    import hashlib
+
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return f"{len(tokenizer.get_vocab())}-{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """A small JSONL file (reports, skip lists), atomically."""
     tmp = path.with_name(path.name + ".tmp")

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline.config import save_config
 from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
+from pipeline.records import vocab_fingerprint
 from pipeline.tiny import CHATML_TEMPLATE
 
 
@@ -84,6 +85,7 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
     if cfg.chat_template == "chatml" or tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
     if cfg.kd == "offline":  # train on the teacher's own tokens, which its stored rows describe
+        check_offline_teacher(dataset, tokenizer, cfg)
         dataset = teacher_token_dataset(dataset, tokenizer)
     else:
         check_template_keeps_think(tokenizer, dataset[0], cfg)
@@ -126,13 +128,14 @@ def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
     if data is None or len(data) == 0:
         raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
                          "see curation.json beside it)")
-    needed = ["prompt", "completion"] + (list(TEACHER_COLUMNS) if offline_kd else [])
+    needed = ["prompt", "completion"] + ([*TEACHER_COLUMNS, "teacher_vocab", "logprobs_mode"] if offline_kd else [])
     missing = [c for c in needed if c not in data.column_names]
     if missing:
-        hint = " (offline KD needs traces generated with logprobs: k)" if offline_kd else ""
+        hint = (" (offline KD needs traces generated with logprobs: k by this version of the generate stage)"
+                if offline_kd else "")
         raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
                          f"columns present: {', '.join(data.column_names)}")
-    keep = needed + ["prompt_id"] * ("prompt_id" in data.column_names)
+    keep = needed + [c for c in ("prompt_id", "teacher") if c in data.column_names]
     return data.select_columns(keep)
 
 
@@ -141,6 +144,25 @@ def _saved_empty(path: Path) -> bool:
 
     state = path / "state.json"
     return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+
+
+def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
+    """Stored top-k rows are usable only as raw log-probs (T = 1, no top-p) over the student's
+    own vocabulary: ids from another tokenizer name other tokens, and training would go on."""
+    teacher = ", ".join(dataset.unique("teacher")) if "teacher" in dataset.column_names else "the teacher"
+    modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
+    if modes:
+        raise ValueError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store {', '.join(modes)} "
+                         "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
+                         "would apply twice and the tail is lost): generate them again with logprobs_mode: "
+                         "raw_logprobs")
+    student = vocab_fingerprint(tokenizer)
+    stored = set(dataset.unique("teacher_vocab")) - {student}
+    if stored:
+        raise ValueError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
+                         f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
+                         "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
+                         "across tokenizers with an online teacher through TRL's GOLD trainer (trl.experimental.gold)")
 
 
 def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTStageConfig) -> None:
@@ -240,7 +262,7 @@ class KDTrainer(SFTTrainer):
         labels = inputs["labels"][:, 1:]
         kwargs: dict[str, Any] = {}
         if "teacher_topk_ids" in inputs:
-            kwargs = dict(teacher_topk_ids=inputs["teacher_topk_ids"], teacher_topk_logprobs=inputs["teacher_topk_logprobs"])
+            kwargs = {k: inputs[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")}
         elif self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
@@ -268,7 +290,7 @@ class KDTrainer(SFTTrainer):
         return (loss * scale, student) if return_outputs else loss * scale
 
 
-TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "completion_token_ids")
+TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "completion_token_ids")
 
 
 def teacher_token_dataset(dataset: Any, tokenizer: Any) -> Any:
@@ -297,8 +319,9 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def teacher_rows(example: dict[str, Any], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored teacher top-k rows for each trained position of one tokenized example.
+def teacher_rows(example: dict[str, Any], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored teacher top-k ids, log-probs and rest log-prob for each trained position of
+    one tokenized example.
 
     Row j was the teacher's distribution when it sampled completion token j, which is the
     target of trained position j (teacher_token_dataset trains on those very tokens). Template
@@ -321,7 +344,9 @@ def teacher_rows(example: dict[str, Any], vocab_size: int) -> tuple[torch.Tensor
     one_hot_ids = (tail[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 distinct others
     one_hot_logprobs = torch.full((len(tail), k), LOG_ZERO)
     one_hot_logprobs[:, 0] = 0.0
-    return torch.cat([ids, one_hot_ids]), torch.cat([logprobs, one_hot_logprobs])
+    rest = torch.as_tensor(example["topk_rest_logprob"][:n], dtype=torch.float32).clamp_min(LOG_ZERO)
+    return (torch.cat([ids, one_hot_ids]), torch.cat([logprobs, one_hot_logprobs]),
+            torch.cat([rest, torch.full((len(tail),), LOG_ZERO)]))
 
 
 class OfflineTeacherCollator:
@@ -334,8 +359,8 @@ class OfflineTeacherCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [teacher_rows(e, self.vocab_size) for e in examples]
         batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_COLUMNS} for e in examples])
-        batch["teacher_topk_ids"] = torch.cat([ids for ids, _ in rows])
-        batch["teacher_topk_logprobs"] = torch.cat([lp for _, lp in rows])
+        for key, values in zip(("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob"), zip(*rows)):
+            batch[key] = torch.cat(values)
         return batch
 
 

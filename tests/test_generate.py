@@ -165,7 +165,9 @@ def test_sample_seeds_are_stable_and_distinct() -> None:
 def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen: Path, llm) -> None:
     import numpy as np
     import pyarrow.parquet as pq
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.records import vocab_fingerprint
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -175,6 +177,8 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     # Stored compactly (the numpy view below upcasts).
     assert str(ds.features["topk_ids"]) == f"List(List(Value('int32'), length={k}))"
     assert str(ds.features["topk_logprobs"]) == f"List(List(Value('float16'), length={k}))"
+    assert str(ds.features["topk_rest_logprob"]) == "List(Value('float32'))"
+    assert set(ds["teacher_vocab"]) == {vocab_fingerprint(AutoTokenizer.from_pretrained(tiny_qwen))}
     ds = ds.with_format("numpy")
     vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
     for row in ds:
@@ -197,10 +201,16 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     in_topk = row["topk_ids"] == np.asarray(plain.token_ids)[:, None]
     np.testing.assert_allclose(row["topk_logprobs"][in_topk].astype(np.float32),
                                row["token_logprobs"][in_topk.any(axis=1)], atol=1e-2)
+    # The rest: the mass outside the top-k, from vLLM's fp32 values, not from the stored float16.
+    top_mass = [sum(np.exp(np.float64(p.logprob)) for p in position.values() if p.rank <= k)
+                for position in plain.logprobs]
+    np.testing.assert_allclose(np.exp(row["topk_rest_logprob"].astype(np.float64)), 1 - np.asarray(top_mass),
+                               rtol=1e-4, atol=1e-7)
 
-    # Storage: at most 400 bytes per completion token at k = 20 in the saved parquet.
-    table = pq.read_table(Path(cfg.output_dir) / "samples.parquet", columns=["topk_ids", "topk_logprobs", "token_logprobs"])
-    assert table.nbytes / sum(ds["completion_tokens"]) <= 400
+    # Storage: at most 150 bytes per completion token at k = 20 in Arrow, the rest included.
+    table = pq.read_table(Path(cfg.output_dir) / "samples.parquet", columns=[
+        "topk_ids", "topk_logprobs", "topk_rest_logprob", "token_logprobs", "completion_token_ids"])
+    assert table.nbytes / sum(ds["completion_tokens"]) <= 150
 
 
 def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm, monkeypatch) -> None:

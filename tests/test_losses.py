@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pipeline.losses import (
     KINDS,
     LOG_ZERO,
+    TAIL_FLOOR,
     chunked_kd_loss,
     combine,
     divergence,
@@ -283,6 +284,26 @@ def test_offline_small_k_has_a_rest_bucket_and_lower_bounds_the_full_loss() -> N
         # Coarsening both sides the same way can only lose information (T = 1).
         full = chunked_kd_loss(**batch, kind=kind, beta=beta)["kd_loss"]
         assert off["kd_loss"] <= full, kind
+
+
+def test_offline_rest_stored_by_the_sampler_is_the_rest_bucket() -> None:
+    """Top-k stored in float16 (as the traces do) cannot give a confident teacher's tail back:
+    its top log-prob near 0 is rounded by ~5e-4, more than the whole tail. The rest the sampler
+    computed from its fp32 values is used as it is, and the loss keeps the tail's share."""
+    batch = make_batch(dtype=torch.float64)
+    batch["teacher_lm_head_weight"] = batch["teacher_lm_head_weight"] * 3  # top-5 mass ~0.999
+    ids, lp = offline_topk(batch, 5)
+    rest = (-torch.expm1(torch.logsumexp(lp, -1))).log()
+    assert rest.exp().median() < 1e-2
+    stored = lp.half().double()
+    assert torch.allclose(teacher_topk_buckets(stored, V, rest)[:, -1], rest.clamp_min(math.log(TAIL_FLOOR)))
+    student = {k: v for k, v in batch.items() if not k.startswith("teacher")}
+    kw = dict(teacher_topk_ids=ids, temperature=2.0, kind="reverse_kl")
+    truth = chunked_kd_loss(**student, teacher_topk_logprobs=lp, **kw)["kd_loss"]
+    for fn in (chunked_kd_loss, naive_kd_loss):
+        with_rest = fn(**student, teacher_topk_logprobs=stored, teacher_rest_logprob=rest, **kw)["kd_loss"]
+        without = fn(**student, teacher_topk_logprobs=stored, **kw)["kd_loss"]
+        assert rel_err(with_rest, truth) < 1e-3 < rel_err(without, truth), fn.__name__
 
 
 def test_topk_buckets_edge_cases() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,9 +128,10 @@ def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, t
 
     row = datasets.load_from_disk(str(traces / "curated"))[0]
     trained = row["completion_token_ids"] + [99, 100]  # two template tokens after the teacher's own
-    ids, logprobs = teacher_rows({**row, "labels": [-100] * 5 + trained}, vocab_size=320)
-    assert ids.shape == logprobs.shape == (len(trained), 8)
+    ids, logprobs, rest = teacher_rows({**row, "labels": [-100] * 5 + trained}, vocab_size=320)
+    assert ids.shape == logprobs.shape == (len(trained), 8) and rest.shape == (len(trained),)
     assert ids[-2:, 0].tolist() == [99, 100] and logprobs[-1, 0] == 0 and logprobs[-1, 1:].max() < -1e3
+    assert rest[:-2].tolist() == pytest.approx(row["topk_rest_logprob"]) and rest[-2:].max() < -1e3
     with pytest.raises(ValueError, match=r"differ from the teacher's at position 0"):
         teacher_rows({**row, "labels": [-100, (trained[0] + 1) % 256] + trained[1:]}, vocab_size=320)
 
@@ -140,12 +142,16 @@ def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, t
     ("no_dataset", r"dataset .*nope does not exist"),
     ("offline_without_logprobs", r"missing column\(s\) topk_ids \(offline KD needs traces generated with logprobs"),
     ("other_tokenizer", r"different tokenizers \(\d+ vs \d+ tokens\)"),
+    # Same size, one token renamed (R1-Distill-Qwen vs Qwen2.5: same ids, other special tokens).
+    ("offline_other_tokenizer", r"the teacher \(.*\) sampled with another tokenizer than the student .*student-tok "
+                                r"\(vocabulary 261-\w+ vs 261-\w+\).*kd: none.*trl.experimental.gold"),
+    ("offline_processed_logprobs", r"offline KD needs raw_logprobs, but the traces store processed_logprobs"),
 ])
 def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, traces: Path, problem: str,
                                             expected: str) -> None:
     import datasets
 
-    dataset, overrides = str(traces), {}
+    dataset, student, overrides = str(traces), tiny_qwen, {}
     if problem == "missing_column":
         dataset = str(tmp_path / "d")
         datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}]).save_to_disk(dataset)
@@ -158,6 +164,17 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, tra
         dataset = str(tmp_path / "d")
         datasets.load_from_disk(str(traces / "curated")).remove_columns(["topk_ids"]).save_to_disk(dataset)
         overrides = {"kd": "offline"}
+    elif problem == "offline_other_tokenizer":
+        student = tmp_path / "student-tok"
+        shutil.copytree(tiny_qwen, student)
+        tokenizer = student / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text().replace('"</think>"', '"</reason>"'))
+        overrides = {"kd": "offline"}
+    elif problem == "offline_processed_logprobs":
+        dataset = str(tmp_path / "d")
+        rows = datasets.load_from_disk(str(traces / "curated"))
+        rows.map(lambda r: {"logprobs_mode": "processed_logprobs"}).save_to_disk(dataset)
+        overrides = {"kd": "offline"}
     else:
         from transformers import AutoTokenizer
 
@@ -168,7 +185,7 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, tra
         tokenizer.save_pretrained(other)
         overrides = {"kd": "online", "teacher": str(other)}
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
-        main(sft_config(tmp_path, tiny_qwen, Path(dataset), **overrides))
+        main(sft_config(tmp_path, student, Path(dataset), **overrides))
 
 
 def test_accelerate_configs_are_valid() -> None:
