@@ -231,20 +231,24 @@ def load_teacher(cfg: SFTStageConfig, student_tokenizer: Any) -> Any:
 # ---------------------------------------------------------------------------- KD trainer
 
 class KDTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds the teacher's soft distribution. The student forward is run
-    here (asking SFTTrainer for outputs costs an extra forward in trl 1.16) and only the final
-    hidden states are taken: logits are computed chunk by chunk inside the loss."""
+    """SFTTrainer whose loss adds the teacher's soft distribution (see `kd_losses`). The teacher
+    is placed by accelerate as the student is: moved to the device under DDP, FSDP-wrapped
+    under FSDP, ZeRO-3 initialised under DeepSpeed, always in evaluation mode."""
 
     def __init__(self, *args: Any, teacher: Any = None, kd: SFTStageConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kd = kd
-        self.teacher = teacher
         # Online: both logit matrices cut to the shared tokenizer (their padding may differ).
         # Offline: the stored ids are the teacher's own samples, which may fall in padding rows.
         self.vocab_size = (len(self.processing_class) if kd.kd == "online"
-                           else self.model.get_output_embeddings().weight.shape[0])
+                           else self.model.config.get_text_config().vocab_size)
+        self.teacher = teacher
         if teacher is not None:
-            self.teacher.to(self.accelerator.device)
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+                self.teacher = prepare_deepspeed(teacher, self.accelerator)
+            else:
+                self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kd.kd == "offline":
             if kd.packing or kd.padding_free:
                 raise ValueError("kd: offline does not support packing or padding_free yet")
@@ -256,23 +260,9 @@ class KDTrainer(SFTTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        # logits_to_keep=1: the model's own full-vocabulary logits are not needed.
-        student = model(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        labels = inputs["labels"][:, 1:]
-        kwargs: dict[str, Any] = {}
-        if "teacher_topk_ids" in inputs:
-            kwargs = {k: inputs[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")}
-        elif self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher(**forward, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            kwargs = dict(teacher_hidden=teacher.hidden_states[-1][:, :-1],
-                          teacher_lm_head_weight=self.teacher.get_output_embeddings().weight)
-        losses = chunked_kd_loss(
-            student.hidden_states[-1][:, :-1], self.accelerator.unwrap_model(model).get_output_embeddings().weight,
-            labels, temperature=self.kd.kd_temperature, kind=self.kd.kd_divergence, beta=self.kd.kd_beta,
-            chunk_size=self.kd.kd_chunk_size, num_items_in_batch=num_items_in_batch, vocab_size=self.vocab_size,
-            **kwargs)
+        unwrap = self.accelerator.unwrap_model
+        losses = kd_losses(model, unwrap(model), self.teacher, unwrap(self.teacher) if self.teacher else None,
+                           inputs, self.kd, self.vocab_size, num_items_in_batch)
         loss = combine(losses["ce_loss"], losses["kd_loss"], self.kd.kd_alpha)
         # Each process's loss is its tokens' share of the all-process batch (num_items_in_batch is
         # gathered over processes). DDP averages gradients over processes, so, as transformers'
@@ -287,7 +277,70 @@ class KDTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         for key, value in zip(("ce_loss", "kd_loss"), (shares * steps).tolist()):
             self._metrics[mode][key].append(value)
-        return (loss * scale, student) if return_outputs else loss * scale
+        return (loss * scale, None) if return_outputs else loss * scale
+
+
+def kd_losses(model: Any, module: Any, teacher: Any, teacher_module: Any, inputs: dict[str, Any],
+              kd: SFTStageConfig, vocab_size: int, num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
+    """ce_loss and kd_loss of one batch (pipeline/losses.py), from final hidden states only:
+    no model computes logits, the loss does, one chunk at a time. `model`/`teacher` are what the
+    trainer holds (maybe wrapped: DDP, FSDP, DeepSpeed), `module`/`teacher_module` the models
+    inside. Each forward runs through its wrapper (TRL's forward redirection), so the wrapper
+    gathers sharded weights and sees the loss as its output (FSDP's backward hooks hang on it)."""
+    from trl.models.utils import _ForwardRedirection
+
+    through_wrapper = _ForwardRedirection()
+    forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    labels = inputs["labels"][:, 1:]
+    teacher_kwargs: dict[str, Any] = {}
+    if "teacher_topk_ids" in inputs:
+        teacher_kwargs = {k: inputs[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")}
+    elif teacher is not None:
+        with torch.no_grad():
+            hidden = through_wrapper(teacher, teacher_module, last_hidden_state, teacher_module, forward)[:, :-1]
+            # The loss's backward recomputes teacher logits, so a ZeRO-3 weight (released after its
+            # module's forward, and never gathered again for a model without gradients) is copied.
+            weight = through_head(teacher_module, lambda w, h: w.detach().clone() if hasattr(w, "ds_id")
+                                  else w.detach(), hidden)
+        teacher_kwargs = {"teacher_hidden": hidden, "teacher_lm_head_weight": weight}
+
+    def student_losses() -> dict[str, torch.Tensor]:
+        hidden = last_hidden_state(module, forward)[:, :-1]
+        return through_head(module, lambda w, h: chunked_kd_loss(
+            h, w, labels, temperature=kd.kd_temperature, kind=kd.kd_divergence, beta=kd.kd_beta,
+            chunk_size=kd.kd_chunk_size, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+            **teacher_kwargs), hidden)
+
+    return through_wrapper(model, module, student_losses)
+
+
+def last_hidden_state(module: Any, forward: dict[str, Any]) -> torch.Tensor:
+    """The decoder's output [B, L, H] (after the final norm): no logits, no other layer's states."""
+    return module.get_decoder()(**forward, use_cache=False)[0]
+
+
+def through_head(module: Any, fn: Any, hidden: torch.Tensor) -> Any:
+    """fn(lm_head weight, hidden) for every way the weight may be held. Plain (one process, DDP,
+    and FSDP2 as accelerate wraps it: the head's unit stays unsharded after forward): as it is.
+    A DTensor (an FSDP2 head resharded after forward): gathered whole, its gradient averaged
+    back over ranks as FSDP averages the rest. ZeRO-3 (outside its module's forward the weight is
+    a 0-row placeholder): fn runs as the head's forward, so ZeRO-3 gathers the weight around it
+    and again for its backward. (Calling an FSDP2 head a second time crashes its backward: only
+    ZeRO-3 takes that road.)"""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial
+
+    head = module.get_output_embeddings()
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        return fn(weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim), hidden)
+    if not hasattr(weight, "ds_id"):
+        return fn(weight, hidden)
+    head.forward = lambda h: fn(head.weight, h)  # an instance attribute shadows the class's forward
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
 
 
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "completion_token_ids")
@@ -368,7 +421,15 @@ class OfflineTeacherCollator:
 
 def save_student(trainer: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
     out = Path(cfg.output_dir)
-    trainer.save_model(str(out))
+    if trainer.is_fsdp_enabled:
+        # Under SHARDED_STATE_DICT (fast checkpoints, configs/accelerate/fsdp.yaml) save_model writes
+        # no weights; vLLM and transformers load full ones, gathered here (accelerate: FSDP2's full
+        # state dict, the call tests/fully_shard_kd.py checks on CPU).
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(str(out), state_dict=state_dict)
+    else:
+        trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     model = trainer.accelerator.unwrap_model(trainer.model)
     if getattr(model, "generation_config", None) is not None:
