@@ -43,6 +43,7 @@ LOG_ZERO = -1e4
 # Top-k log-probs stored in fp32 carry ~1e-7 rounding each, so a computed tail below fp32
 # resolution is noise, not information; flooring it also keeps reverse KL finite.
 TAIL_FLOOR = float(torch.finfo(torch.float32).eps)
+HALF = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- divergences
@@ -201,10 +202,30 @@ def _logsumexp(z: Tensor) -> Tensor:
     return (z - m).exp_().sum(dim=-1, keepdim=True).log_().add_(m)
 
 
+def _matmul_dtype(x: Tensor, full: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls run in: a half type on CUDA (bf16 tensor cores; products accumulate
+    and land in fp32, as in TRL's and Liger's kernels), else the full-precision dtype (CPU runs
+    fp32: its half-precision matmuls are slow and gain nothing)."""
+    return x.dtype if x.dtype in HALF and x.is_cuda else full
+
+
+def _logits(h: Tensor, w: Tensor) -> Tensor:
+    """h w^T in fp32 (or fp64 for fp64 inputs), without rounding the products to a half type."""
+    return torch.mm(h, w.t(), out_dtype=torch.float32) if h.dtype in HALF else F.linear(h, w)
+
+
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b into a full-precision acc, half products never rounded to a half type."""
+    if a.dtype in HALF:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a, b)
+
+
 def _student_logprobs(h: Tensor, w: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """log_softmax(z / T) of z = h w^T, built in z's own memory; plus CE at T = 1 summed, and
     the log-ratio that turns exp(log-probs at T) back into softmax(z) for CE's gradient."""
-    z = F.linear(h, w)
+    z = _logits(h, w)
     z_label = z.gather(-1, labels[:, None])
     lse1 = _logsumexp(z)
     if temperature != 1.0:
@@ -216,7 +237,7 @@ def _student_logprobs(h: Tensor, w: Tensor, labels: Tensor, temperature: float) 
 
 
 def _teacher_logprobs(h: Tensor, w: Tensor, temperature: float) -> Tensor:
-    z = F.linear(h, w)
+    z = _logits(h, w)
     if temperature != 1.0:
         z.div_(temperature)
     return z.sub_(_logsumexp(z))
@@ -304,11 +325,12 @@ class _ChunkedKD(torch.autograd.Function):
         opts: _Opts,
     ) -> Tensor:
         sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
-        w32 = w[: opts.vocab].to(opts.dtype)
-        t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
+        mm, t_mm = _matmul_dtype(h, opts.dtype), _matmul_dtype(h if t_h is None else t_h, opts.dtype)
+        w_mm = w[: opts.vocab].to(mm)
+        t_w_mm = None if t_w is None else t_w[: opts.vocab].to(t_mm)
         for s, e in _chunks(h.shape[0], opts.chunk_size):
-            kd, ce = _chunk_values(h[s:e].to(opts.dtype), w32, labels[s:e], opts,
-                                   None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
+            kd, ce = _chunk_values(h[s:e].to(mm), w_mm, labels[s:e], opts,
+                                   None if t_h is None else t_h[s:e].to(t_mm), t_w_mm,
                                    None if topk_ids is None else topk_ids[s:e],
                                    None if topk_lp is None else topk_lp[s:e],
                                    None if rest_lp is None else rest_lp[s:e])
@@ -329,19 +351,21 @@ class _ChunkedKD(torch.autograd.Function):
         # One fp32 buffer for the weight: chunk contributions are added in place, and
         # padded rows beyond the shared vocabulary keep a zero gradient.
         grad_w = torch.zeros(w.shape, dtype=opts.dtype, device=w.device) if need_w else None
-        w32 = w[: opts.vocab].to(opts.dtype)
-        t_w32 = None if t_w is None else t_w[: opts.vocab].to(opts.dtype)
+        mm, t_mm = _matmul_dtype(h, opts.dtype), _matmul_dtype(h if t_h is None else t_h, opts.dtype)
+        w_mm = w[: opts.vocab].to(mm)
+        t_w_mm = None if t_w is None else t_w[: opts.vocab].to(t_mm)
         for s, e in _chunks(h.shape[0], opts.chunk_size):
-            h_c = h[s:e].to(opts.dtype)
-            g_z = _chunk_grad_logits(h_c, w32, labels[s:e], opts,
-                                     None if t_h is None else t_h[s:e].to(opts.dtype), t_w32,
+            h_c = h[s:e].to(mm)
+            g_z = _chunk_grad_logits(h_c, w_mm, labels[s:e], opts,
+                                     None if t_h is None else t_h[s:e].to(t_mm), t_w_mm,
                                      None if topk_ids is None else topk_ids[s:e],
                                      None if topk_lp is None else topk_lp[s:e],
                                      None if rest_lp is None else rest_lp[s:e], g_kd, g_ce)
+            g_z = g_z.to(mm)  # the logits' gradient enters the matmuls as their inputs do
             if need_h:
-                grad_h[s:e] = g_z @ w32
+                grad_h[s:e] = g_z @ w_mm
             if need_w:
-                grad_w[: opts.vocab].addmm_(g_z.t(), h_c)
+                _addmm_(grad_w[: opts.vocab], g_z.t(), h_c)
             del g_z
         if need_w and grad_w.dtype != w.dtype:
             grad_w = grad_w.to(w.dtype)

@@ -86,10 +86,20 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
         tokenizer.chat_template = CHATML_TEMPLATE
     if cfg.kd == "offline":  # train on the teacher's own tokens, which its stored rows describe
         check_offline_teacher(dataset, tokenizer, cfg)
-        dataset = teacher_token_dataset(dataset, tokenizer)
+        from transformers import AutoConfig
+
+        vocab_size = AutoConfig.from_pretrained(cfg.model).get_text_config().vocab_size  # the student's logits
+        dataset = teacher_token_dataset(dataset, tokenizer, vocab_size)
     else:
         check_template_keeps_think(tokenizer, dataset[0], cfg)
     set_max_length(cfg, tokenizer, dataset)
+    if cfg.kd == "offline" and cfg.packing:
+        # TRL's packing keeps only input_ids and labels: pack the teacher's rows with them here.
+        from trl.data_utils import pack_dataset
+
+        dataset = pack_dataset(dataset.select_columns(["input_ids", "labels", *TEACHER_ROWS]), cfg.max_length,
+                               cfg.packing_strategy)
+        cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
     teacher = load_teacher(cfg, tokenizer) if cfg.kd == "online" else None
     trainer_cls = KDTrainer if cfg.kd != "none" else SFTTrainer
@@ -97,9 +107,6 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
-    if cfg.kd == "offline":  # every sample's stored rows must line up before hours of training
-        for example in trainer.train_dataset:
-            teacher_rows(example, trainer.vocab_size)
     state = trainer.accelerator.state
     print(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
     return trainer
@@ -182,6 +189,8 @@ def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
     else:
         lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False))
                    for r in dataset.select_columns(["prompt", "completion"])]
+    if cfg.padding_free and not cfg.packing:  # TRL truncates nothing there, and refuses a max_length
+        return
     if cfg.max_length is None:
         cfg.max_length = max(lengths)
         print(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
@@ -250,13 +259,11 @@ class KDTrainer(SFTTrainer):
             else:
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kd.kd == "offline":
-            if kd.packing or kd.padding_free:
-                raise ValueError("kd: offline does not support packing or padding_free yet")
-            self.data_collator = OfflineTeacherCollator(self.data_collator, self.vocab_size)
+            self.data_collator = OfflineTeacherCollator(self.data_collator)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
-        self._signature_columns = [*self._signature_columns, *TEACHER_COLUMNS]
+        self._signature_columns = [*self._signature_columns, *TEACHER_ROWS]
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -280,6 +287,12 @@ class KDTrainer(SFTTrainer):
         return (loss * scale, None) if return_outputs else loss * scale
 
 
+# What the model's forward takes from a batch: padded (attention_mask), or padding-free and packed
+# (position_ids restart at each sequence; cu_seq_lens for varlen attention kernels).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
+
+
 def kd_losses(model: Any, module: Any, teacher: Any, teacher_module: Any, inputs: dict[str, Any],
               kd: SFTStageConfig, vocab_size: int, num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
     """ce_loss and kd_loss of one batch (pipeline/losses.py), from final hidden states only:
@@ -290,11 +303,11 @@ def kd_losses(model: Any, module: Any, teacher: Any, teacher_module: Any, inputs
     from trl.models.utils import _ForwardRedirection
 
     through_wrapper = _ForwardRedirection()
-    forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    forward = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     labels = inputs["labels"][:, 1:]
     teacher_kwargs: dict[str, Any] = {}
     if "teacher_topk_ids" in inputs:
-        teacher_kwargs = {k: inputs[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")}
+        teacher_kwargs = {k: inputs[k] for k in TEACHER_ROWS}
     elif teacher is not None:
         with torch.no_grad():
             hidden = through_wrapper(teacher, teacher_module, last_hidden_state, teacher_module, forward)[:, :-1]
@@ -344,13 +357,19 @@ def through_head(module: Any, fn: Any, hidden: torch.Tensor) -> Any:
 
 
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "completion_token_ids")
+# The teacher's rows on the tokenized examples, one per token, aligned with input_ids and labels:
+# packing and truncation cut and join them with the tokens (row j is the distribution token j was
+# sampled from; rows of tokens without loss are unused).
+TEACHER_ROWS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")
 
 
-def teacher_token_dataset(dataset: Any, tokenizer: Any) -> Any:
+def teacher_token_dataset(dataset: Any, tokenizer: Any, vocab_size: int) -> Any:
     """Tokenized examples whose completion is the teacher's sampled token ids, not a
     re-tokenization of their text (which can differ: invalid UTF-8, skipped special tokens,
-    non-canonical merges). The prompt is rendered with the student's template, and the
-    template's own tokens after an assistant turn (ChatML: EOS, newline) are appended."""
+    non-canonical merges), with the teacher's rows aligned to the tokens. The prompt is rendered
+    with the student's template, and the template's own tokens after an assistant turn (ChatML:
+    EOS, newline) are appended; they get one-hot rows (the template makes them certain, and so
+    does the EOS when the teacher was cut at max_tokens)."""
     probe = dataset[0]["prompt"]
     prompt_ids = _template_ids(tokenizer, probe, add_generation_prompt=True)
     with_x = _template_ids(tokenizer, probe + [{"role": "assistant", "content": "x"}])
@@ -361,10 +380,27 @@ def teacher_token_dataset(dataset: Any, tokenizer: Any) -> Any:
         prompt = _template_ids(tokenizer, example["prompt"], add_generation_prompt=True)
         completion = list(example["completion_token_ids"])
         ending = tail[1:] if tail and completion and completion[-1] == tail[0] else tail  # EOS once
+        ids = torch.as_tensor(example["topk_ids"], dtype=torch.long).reshape(len(completion), -1)
+        if ids.numel() and int(ids.max()) >= vocab_size:
+            raise ValueError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
+                             f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
+        k = ids.shape[1]
+        certain = torch.as_tensor(ending, dtype=torch.long)
+        certain_ids = (certain[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 others
+        certain_logprobs = torch.full((len(ending), k), LOG_ZERO)
+        certain_logprobs[:, 0] = 0.0
+        logprobs = torch.as_tensor(example["topk_logprobs"], dtype=torch.float32).reshape(len(completion), k)
+        rest = torch.as_tensor(example["topk_rest_logprob"], dtype=torch.float32)
+        unused = len(prompt)
         return {"input_ids": prompt + completion + ending,
-                "labels": [-100] * len(prompt) + completion + ending}
+                "labels": [-100] * len(prompt) + completion + ending,
+                "teacher_topk_ids": torch.cat([torch.zeros(unused, k, dtype=torch.long), ids, certain_ids]).tolist(),
+                "teacher_topk_logprobs": torch.cat([torch.zeros(unused, k), logprobs.clamp_min(LOG_ZERO),
+                                                    certain_logprobs]).tolist(),
+                "teacher_rest_logprob": torch.cat([torch.zeros(unused), rest.clamp_min(LOG_ZERO),
+                                                   torch.full((len(ending),), LOG_ZERO)]).tolist()}
 
-    return dataset.map(tokenize, remove_columns=["prompt", "completion"], desc="teacher tokens")
+    return dataset.map(tokenize, remove_columns=list(dataset.column_names), desc="teacher tokens")
 
 
 def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
@@ -372,47 +408,26 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def teacher_rows(example: dict[str, Any], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stored teacher top-k ids, log-probs and rest log-prob for each trained position of
-    one tokenized example.
-
-    Row j was the teacher's distribution when it sampled completion token j, which is the
-    target of trained position j (teacher_token_dataset trains on those very tokens). Template
-    tokens after the teacher's own (the newline after ChatML's EOS; the EOS itself when the
-    teacher was cut at max_tokens) get a one-hot row: the template makes them certain."""
-    trained = [t for t in example["labels"][1:] if t != -100]
-    teacher_ids = list(example["completion_token_ids"])
-    n = min(len(trained), len(teacher_ids))
-    if trained[:n] != teacher_ids[:n]:
-        first = next(i for i in range(n) if trained[i] != teacher_ids[i])
-        raise ValueError(f"sample {example.get('prompt_id', '?')}: the trained tokens differ from the teacher's "
-                         f"at position {first}; offline KD needs the teacher's own tokens")
-    ids = torch.as_tensor(example["topk_ids"][:n], dtype=torch.long).reshape(n, -1)
-    if n and max(int(ids.max()), max(trained)) >= vocab_size:
-        raise ValueError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
-                         f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
-    logprobs = torch.as_tensor(example["topk_logprobs"][:n], dtype=torch.float32).reshape(n, -1).clamp_min(LOG_ZERO)
-    tail = torch.as_tensor(trained[n:], dtype=torch.long)
-    k = len(example["topk_ids"][0])
-    one_hot_ids = (tail[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 distinct others
-    one_hot_logprobs = torch.full((len(tail), k), LOG_ZERO)
-    one_hot_logprobs[:, 0] = 0.0
-    rest = torch.as_tensor(example["topk_rest_logprob"][:n], dtype=torch.float32).clamp_min(LOG_ZERO)
-    return (torch.cat([ids, one_hot_ids]), torch.cat([logprobs, one_hot_logprobs]),
-            torch.cat([rest, torch.full((len(tail),), LOG_ZERO)]))
-
-
 class OfflineTeacherCollator:
     """TRL's collator, plus the teacher rows of every trained position in the batch, in the
-    row-major order in which the loss visits the positions."""
+    row-major order in which the loss visits them (padded, padding-free and packed batches)."""
 
-    def __init__(self, collator: Any, vocab_size: int) -> None:
-        self.collator, self.vocab_size = collator, vocab_size
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [teacher_rows(e, self.vocab_size) for e in examples]
-        batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_COLUMNS} for e in examples])
-        for key, values in zip(("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob"), zip(*rows)):
+        batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_ROWS} for e in examples])
+        labels, lengths = batch["labels"], [len(e["input_ids"]) for e in examples]
+        # Each example's span of the collated labels: one row each, or one flat row (padding-free).
+        spans = (labels.flatten()[: sum(lengths)].split(lengths) if labels.shape[0] < len(examples)
+                 else [row[:n] for row, n in zip(labels, lengths)])
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in TEACHER_ROWS}
+        for example, span in zip(examples, spans):
+            trained = span != -100
+            trained[0] = False  # the first token of a sequence is predicted by nothing
+            for key in TEACHER_ROWS:
+                rows[key].append(torch.as_tensor(example[key])[: len(span)][trained])
+        for key, values in rows.items():
             batch[key] = torch.cat(values)
         return batch
 

@@ -119,21 +119,29 @@ def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_ll
 def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
     import datasets
 
-    from pipeline.sft import teacher_rows
+    from pipeline.sft import teacher_token_dataset
 
     # The tiny teacher itself is the student: its stored top-k rows must line up with its own tokens.
     out = main(sft_config(tmp_path, tiny_qwen, traces, kd="offline", kd_alpha=1.0, kd_temperature=1.0, max_steps=2))
     kd = losses(out, "kd_loss")
     assert len(kd) == 2 and all(0 <= v < 0.5 for v in kd), f"a student equal to its teacher has near-zero KD: {kd}"
 
-    row = datasets.load_from_disk(str(traces / "curated"))[0]
-    trained = row["completion_token_ids"] + [99, 100]  # two template tokens after the teacher's own
-    ids, logprobs, rest = teacher_rows({**row, "labels": [-100] * 5 + trained}, vocab_size=320)
-    assert ids.shape == logprobs.shape == (len(trained), 8) and rest.shape == (len(trained),)
-    assert ids[-2:, 0].tolist() == [99, 100] and logprobs[-1, 0] == 0 and logprobs[-1, 1:].max() < -1e3
-    assert rest[:-2].tolist() == pytest.approx(row["topk_rest_logprob"]) and rest[-2:].max() < -1e3
-    with pytest.raises(ValueError, match=r"differ from the teacher's at position 0"):
-        teacher_rows({**row, "labels": [-100, (trained[0] + 1) % 256] + trained[1:]}, vocab_size=320)
+    # The teacher's rows sit on its own tokens; the template's tokens after them get certain rows.
+    from transformers import AutoTokenizer
+
+    rows = datasets.load_from_disk(str(traces / "curated")).select(range(2))
+    tokenized = teacher_token_dataset(rows, AutoTokenizer.from_pretrained(tiny_qwen), vocab_size=320)
+    for row, example in zip(rows, tokenized):
+        completion = row["completion_token_ids"]
+        start = example["labels"].index(completion[0])
+        assert example["input_ids"][start:start + len(completion)] == completion
+        assert example["teacher_topk_ids"][start:start + len(completion)] == row["topk_ids"]
+        assert example["teacher_rest_logprob"][start:start + len(completion)] == pytest.approx(row["topk_rest_logprob"])
+        end = start + len(completion)
+        assert [r[0] for r in example["teacher_topk_ids"][end:]] == example["labels"][end:] != []
+        assert all(r[0] == 0 and max(r[1:]) < -1e3 for r in example["teacher_topk_logprobs"][end:])
+    with pytest.raises(ValueError, match=r"outside the student's 100 output rows"):
+        teacher_token_dataset(rows, AutoTokenizer.from_pretrained(tiny_qwen), vocab_size=100)
 
 
 @pytest.mark.parametrize("problem,expected", [
@@ -255,3 +263,50 @@ def test_kd_under_fully_shard_matches_one_process(tmp_path: Path, tiny_qwen: Pat
     stepped = load_file(tmp_path / "one" / "model" / "model.safetensors")
     for param, value in load_file(tmp_path / "two" / "model" / "model.safetensors").items():
         assert (value - stepped[param]).norm() <= 1e-5 * stepped[param].norm(), param
+
+
+def unpack(batch: dict) -> dict:
+    """A padding-free or packed batch (one row; position_ids restart at each sequence) as the
+    padded batch of its sequences."""
+    import torch
+
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    spans = [slice(a, b) for a, b in zip(starts, starts[1:])]
+    longest = max(s.stop - s.start for s in spans)
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        rows = [batch[key][0, s] for s in spans]
+        return torch.stack([torch.cat([r, r.new_full((longest - len(r),), fill)]) for r in rows])
+
+    mask = padded("position_ids", -1) >= 0
+    return {"input_ids": padded("input_ids", 0), "labels": padded("labels", -100), "attention_mask": mask.long(),
+            **{k: v for k, v in batch.items() if k.startswith("teacher_")}}
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "packing"])
+@pytest.mark.parametrize("kd", ["online", "offline"])
+def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
+                                                           traces: Path, kd: str, layout: str) -> None:
+    """Sequences flattened into one row (TRL's padding_free, and packing, which packs several
+    samples a row) give the KD loss of the same sequences padded: no token attends across
+    sequences, and the teacher's rows (offline) or forward (online) stay aligned."""
+    import torch
+
+    from pipeline.sft import build_trainer, kd_losses
+
+    cfg = sft_config(tmp_path, tiny_qwen, traces, kd=kd, teacher=str(tiny_llama) if kd == "online" else None,
+                     per_device_train_batch_size=4, **{layout: True},
+                     **({"max_length": 200} if layout == "packing" else {}))
+    trainer = build_trainer(cfg)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    sequences = int((batch["position_ids"][0] == 0).sum())
+    assert sequences >= (4 if layout == "padding_free" else 5)  # packing: more samples than the batch size
+    model, teacher = trainer.model, trainer.teacher
+
+    def losses_of(inputs: dict) -> torch.Tensor:
+        out = kd_losses(model, model, teacher, teacher, inputs, cfg, trainer.vocab_size)
+        return torch.stack([out["ce_loss"], out["kd_loss"]]).detach()
+
+    flat, padded = losses_of(batch), losses_of(unpack(batch))
+    assert torch.allclose(flat, padded, rtol=1e-5), (flat, padded)

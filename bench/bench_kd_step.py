@@ -1,0 +1,127 @@
+"""Benchmark: KD training step time against the plain SFT step, at a real vocabulary.
+
+A random Qwen2 student (hidden 256, 4 layers) and teacher (hidden 512, 4 layers), both with
+Qwen2.5's 151,936 logits, on 1,024 tokens a batch (4 x 256, the first 32 of each a prompt
+without loss). Each step is forward, backward, AdamW step, fp32 on CPU:
+
+- sft: the student's own forward with labels (transformers' loss over full logits: what TRL's
+  SFTTrainer runs);
+- teacher forward: the teacher's plain forward alone (no gradients);
+- offline KD: the sft stage's loss (`pipeline.sft.kd_losses`, forward KL at T = 2 + CE) against
+  top-20 rows precomputed from the teacher, as the generate stage stores them;
+- online KD: the same loss with the live teacher.
+
+Goals: offline KD / sft <= 1.15; online KD / (sft + teacher forward) <= 1.15. Variants
+alternate step by step; medians over steps after warm-up.
+
+    python bench/bench_kd_step.py [--tokens-per-row 256] [--rows 4] [--vocab 151936] [--steps 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from _common import machine, save
+from pipeline.losses import combine
+from pipeline.sft import kd_losses
+
+WARMUP = 2
+PROMPT = 32
+QUICK = {"tokens_per_row": 64, "rows": 2, "vocab": 4096, "steps": WARMUP + 1}
+
+
+def model(hidden: int, vocab: int, seed: int) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--tokens-per-row", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--k", type=int, default=20, help="offline top-k")
+    parser.add_argument("--out", default="runs/bench/kd_step.json")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes (sizes given still win)")
+    if "--quick" in sys.argv[1:]:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args()
+
+    student, teacher = model(args.hidden, args.vocab, 0), model(2 * args.hidden, args.vocab, 1).eval()
+    teacher.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.rows, args.tokens_per_row), generator=g)
+    labels = ids.clone()
+    labels[:, :PROMPT] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    kept = labels[:, 1:] != -100
+    with torch.no_grad():  # what the generate stage stores: top-k log-probs at T = 1 and the rest
+        logprobs = torch.log_softmax(teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][kept], -1)
+        top = logprobs.topk(args.k, dim=-1)
+        rest = torch.log(-torch.expm1(torch.logsumexp(top.values, -1)))
+    offline = {**batch, "teacher_topk_ids": top.indices, "teacher_topk_logprobs": top.values.half().float(),
+               "teacher_rest_logprob": rest}
+    kd = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=256)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+    def step(loss_fn) -> float:
+        start = time.perf_counter()
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def kd_loss(inputs: dict, with_teacher: bool) -> torch.Tensor:
+        out = kd_losses(student, student, teacher if with_teacher else None, teacher if with_teacher else None,
+                        inputs, kd, args.vocab)
+        return combine(out["ce_loss"], out["kd_loss"], 0.5)
+
+    def teacher_forward() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            teacher(input_ids=ids, attention_mask=batch["attention_mask"])
+        return time.perf_counter() - start
+
+    variants = {
+        "sft": lambda: step(lambda: student(**batch).loss),
+        "teacher_forward": teacher_forward,
+        "offline_kd": lambda: step(lambda: kd_loss(offline, False)),
+        "online_kd": lambda: step(lambda: kd_loss(batch, True)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for n in range(args.steps):
+        for name, run in variants.items():
+            times[name].append(run())
+        print(f"step {n}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
+    median = {name: statistics.median(t[WARMUP:]) for name, t in times.items()}
+    ratios = {"offline_kd / sft": median["offline_kd"] / median["sft"],
+              "online_kd / (sft + teacher_forward)": median["online_kd"] / (median["sft"] + median["teacher_forward"])}
+    result = {
+        "benchmark": "median step time: KD / SFT at a real vocabulary",
+        "machine": f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "setup": {"student_hidden": args.hidden, "teacher_hidden": 2 * args.hidden, "layers": 4, "vocab": args.vocab,
+                  "tokens": args.rows * args.tokens_per_row, "trained_tokens": int(kept.sum()), "k": args.k,
+                  "kd": vars(kd), "steps": args.steps, "warmup": WARMUP, "quick": args.quick},
+        "median_s": median,
+        "ratios": ratios,
+        "goals": {name: value <= 1.15 for name, value in ratios.items()},
+    }
+    save(result, args.out)
+    print(", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in median.items()))
+    print(", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
