@@ -439,7 +439,7 @@ def save_student(trainer: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
     if trainer.is_fsdp_enabled:
         # Under SHARDED_STATE_DICT (fast checkpoints, configs/accelerate/fsdp.yaml) save_model writes
         # no weights; vLLM and transformers load full ones, gathered here (accelerate: FSDP2's full
-        # state dict, the call tests/fully_shard_kd.py checks on CPU).
+        # state dict, the call tests/sharded_kd.py checks on CPU).
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if trainer.args.should_save:
             trainer._save(str(out), state_dict=state_dict)

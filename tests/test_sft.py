@@ -238,21 +238,23 @@ def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen:
 
 
 @pytest.mark.parametrize("wrap,heads", [("accelerate", ["Parameter", "Parameter"]),
-                                        ("resharded", ["DTensor", "Parameter"])])
-def test_kd_under_fully_shard_matches_one_process(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, wrap: str,
+                                        ("resharded", ["DTensor", "Parameter"]),
+                                        ("zero3", ["placeholder", "Parameter"])])
+def test_kd_sharded_by_fsdp2_or_zero3_matches_one_process(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, wrap: str,
                                                  heads: list[str]) -> None:
-    """The KD loss (kd_losses, as the trainer calls it) with student and teacher sharded by FSDP2's
-    fully_shard over 2 real processes (gloo): the same loss, gradients and, after one step, full
-    weights (gathered as accelerate saves FSDP2 models) as 1 process. accelerate will not run FSDP
-    on CPU, so this drives torch directly (tests/fully_shard_kd.py); `heads` is how the teacher's
-    and the student's lm_head weight are held when the loss reads them."""
+    """The KD loss (kd_losses, as the trainer calls it) with student and teacher sharded over 2 real
+    processes (gloo) by FSDP2's fully_shard or by DeepSpeed ZeRO-3: the same loss, gradients and,
+    after one SGD step, full weights (gathered as accelerate saves such models) as 1 process.
+    accelerate will not run FSDP or DeepSpeed on CPU, so tests/sharded_kd.py drives torch and
+    DeepSpeed directly; `heads` is how the teacher's and the student's lm_head weight are held
+    when the loss reads them."""
     import torch
     from safetensors.torch import load_file
 
-    script = ["tests/fully_shard_kd.py", str(tiny_qwen), str(tiny_llama)]
+    script = ["tests/sharded_kd.py", str(tiny_qwen), str(tiny_llama)]
     for name, launch in (("one", [sys.executable]),
                          ("two", [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"])):
-        run = subprocess.run([*launch, *script, str(tmp_path / name), wrap], cwd=ROOT, capture_output=True, text=True,
+        run = subprocess.run([*launch, *script, str(tmp_path / name), wrap if name == "two" else "none"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
