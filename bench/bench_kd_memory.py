@@ -65,7 +65,7 @@ def make_inputs(args: argparse.Namespace) -> dict:
 
 
 def trl_kd_loss(student_hidden, student_lm_head_weight, labels, teacher_hidden, teacher_lm_head_weight, kind,
-                temperature, chunk_size) -> dict:
+                temperature, chunk_size, alpha) -> dict:
     """The same loss from TRL 1.16's kernels alone: the DistillationTrainer's chunked divergence
     (KD; no CE term, no T^2) plus ChunkedLogProbFunction (CE as -log p(label), chunked)."""
     from trl.kernels import ChunkedLogProbFunction
@@ -88,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     reset_ok = reset_peak()
     base_kb = status_kb("VmRSS") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    out = fn(**inputs, kind=args.kind, temperature=args.temperature, chunk_size=args.chunk_size)
+    out = fn(**inputs, kind=args.kind, temperature=args.temperature, chunk_size=args.chunk_size, alpha=0.5)
     combine(out["ce_loss"], out["kd_loss"], 0.5).backward()
     seconds = time.perf_counter() - start
     top_kb = peak_kb(reset_ok)

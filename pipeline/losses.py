@@ -25,6 +25,7 @@ Offline teachers (top-k log-probabilities stored with the traces) use a "rest" b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -251,6 +252,9 @@ class _Opts:
     vocab: int
     chunk_size: int
     dtype: torch.dtype
+    # (w_kd, w_ce): the loss is known to be c * (w_kd * kd_sum + w_ce * ce_sum), so the forward
+    # computes its gradient (up to c) and the backward only scales it; None: recompute in backward.
+    weights: tuple[float, float] | None = None
 
 
 def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
@@ -270,25 +274,31 @@ def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor
 
 def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
                        t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None,
-                       rest_lp: Tensor | None, g_kd: float, g_ce: float) -> Tensor:
-    """d(g_kd * kd_sum + g_ce * ce_sum) / d logits for one chunk, in closed form.
+                       rest_lp: Tensor | None, g_kd: float, g_ce: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d(g_kd * kd_sum + g_ce * ce_sum) / d logits, kd_sum or None, ce_sum) for one chunk, the
+    gradient in closed form; kd_sum only when the loss is fused (opts.weights: its forward is this).
 
     Autograd over [chunk, V] would keep ~9 such tensors alive; this keeps about 3, by
     reusing the log-probs' and teacher's memory in place.
     """
     t = opts.temperature
+    kd = None
     if t_h is not None:
         t_lp = _teacher_logprobs(t_h, t_w, t)
-        s_lp, _, shift = _student_logprobs(h, w, labels, t)
+        s_lp, ce, shift = _student_logprobs(h, w, labels, t)
+        if opts.weights:
+            kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum()
         g = _divergence_grad_(s_lp, t_lp, opts.kind, opts.beta)
         del t_lp
         g = _log_softmax_backward_(g, s_lp).mul_(g_kd / t)
         p1 = s_lp.exp_() if t == 1.0 else s_lp.mul_(t).add_(shift).exp_()
     else:
-        s_lp, _, _ = _student_logprobs(h, w, labels, 1.0)
+        s_lp, ce, _ = _student_logprobs(h, w, labels, 1.0)
         b = student_topk_buckets(s_lp, topk_ids)
         s_b = soften(b, t)
         t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab, rest_lp), t)
+        if opts.weights:
+            kd = divergence(s_b, t_b, opts.kind, opts.beta).sum()
         g_b = _log_softmax_backward_(_divergence_grad_(s_b, t_b, opts.kind, opts.beta), s_b).div_(t)
         # Through the coarsening: the rest bucket is logsumexp over the non-top-k ids
         # (d rest / d lp_j = exp(lp_j - rest)), the top-k buckets are plain gathers.
@@ -298,7 +308,7 @@ def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: T
         p1 = s_lp.exp_()
     # CE at T = 1: softmax(z) - onehot(label).
     g.add_(p1, alpha=g_ce)
-    return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce))
+    return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce)), kd, ce
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -309,6 +319,11 @@ class _ChunkedKD(torch.autograd.Function):
     with two matmuls, accumulating the weight gradient in place in one fp32 buffer.
     Recomputing costs one extra matmul per chunk; in exchange nothing of size [tokens, V]
     ever exists (the idea of Liger's fused linear losses and torchtune's chunked output).
+
+    Fused (opts.weights given, gradients wanted): the forward computes the gradient of
+    w_kd * kd_sum + w_ce * ce_sum as it goes, as Liger's fused linear cross-entropy does, and
+    the backward scales it, with no recomputation; if the incoming gradients are not in that
+    ratio (the caller mixed the terms otherwise), the backward recomputes as above.
     """
 
     @staticmethod
@@ -324,6 +339,13 @@ class _ChunkedKD(torch.autograd.Function):
         rest_lp: Tensor | None,
         opts: _Opts,
     ) -> Tensor:
+        ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp)
+        ctx.opts, ctx.fused = opts, None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if opts.weights and (need_h or need_w):
+            ctx.fused = _chunked_pass(h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp, opts, *opts.weights,
+                                      need_h, need_w)
+            return ctx.fused[2]
         sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
         mm, t_mm = _matmul_dtype(h, opts.dtype), _matmul_dtype(h if t_h is None else t_h, opts.dtype)
         w_mm = w[: opts.vocab].to(mm)
@@ -336,8 +358,6 @@ class _ChunkedKD(torch.autograd.Function):
                                    None if rest_lp is None else rest_lp[s:e])
             sums[0] += kd
             sums[1] += ce
-        ctx.save_for_backward(h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp)
-        ctx.opts = opts
         return sums
 
     @staticmethod
@@ -345,31 +365,53 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, grad_sums: Tensor):  # type: ignore[override]
         h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp = ctx.saved_tensors
         opts: _Opts = ctx.opts
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_kd, g_ce = grad_sums.tolist()
-        grad_h = torch.zeros_like(h) if need_h else None
-        # One fp32 buffer for the weight: chunk contributions are added in place, and
-        # padded rows beyond the shared vocabulary keep a zero gradient.
-        grad_w = torch.zeros(w.shape, dtype=opts.dtype, device=w.device) if need_w else None
-        mm, t_mm = _matmul_dtype(h, opts.dtype), _matmul_dtype(h if t_h is None else t_h, opts.dtype)
-        w_mm = w[: opts.vocab].to(mm)
-        t_w_mm = None if t_w is None else t_w[: opts.vocab].to(t_mm)
-        for s, e in _chunks(h.shape[0], opts.chunk_size):
-            h_c = h[s:e].to(mm)
-            g_z = _chunk_grad_logits(h_c, w_mm, labels[s:e], opts,
-                                     None if t_h is None else t_h[s:e].to(t_mm), t_w_mm,
-                                     None if topk_ids is None else topk_ids[s:e],
-                                     None if topk_lp is None else topk_lp[s:e],
-                                     None if rest_lp is None else rest_lp[s:e], g_kd, g_ce)
-            g_z = g_z.to(mm)  # the logits' gradient enters the matmuls as their inputs do
-            if need_h:
-                grad_h[s:e] = g_z @ w_mm
-            if need_w:
-                _addmm_(grad_w[: opts.vocab], g_z.t(), h_c)
-            del g_z
-        if need_w and grad_w.dtype != w.dtype:
-            grad_w = grad_w.to(w.dtype)
+        if ctx.fused is not None and math.isclose(g_kd * opts.weights[1], g_ce * opts.weights[0], rel_tol=1e-6):
+            grad_h, grad_w, _ = ctx.fused
+            scale = (g_kd + g_ce) / sum(opts.weights)
+        else:  # recompute, for the gradients that came in
+            opts = dataclasses.replace(opts, weights=None)
+            grad_h, grad_w, _ = _chunked_pass(h, w, labels, t_h, t_w, topk_ids, topk_lp, rest_lp, opts, g_kd, g_ce,
+                                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            scale = 1.0
+        ctx.fused = None
+        if grad_h is not None and scale != 1.0:
+            grad_h.mul_(scale)
+        if grad_w is not None:
+            grad_w = (grad_w.mul_(scale) if scale != 1.0 else grad_w).to(w.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def _chunked_pass(h: Tensor, w: Tensor, labels: Tensor, t_h: Tensor | None, t_w: Tensor | None,
+                  topk_ids: Tensor | None, topk_lp: Tensor | None, rest_lp: Tensor | None, opts: _Opts,
+                  g_kd: float, g_ce: float, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Gradients of g_kd * kd_sum + g_ce * ce_sum w.r.t. h and w (fp32 buffer), chunk by chunk;
+    plus (kd_sum, ce_sum) when fused (opts.weights set: this pass is the forward)."""
+    sums = torch.zeros(2, dtype=opts.dtype, device=h.device)
+    grad_h = torch.zeros_like(h) if need_h else None
+    # One fp32 buffer for the weight: chunk contributions are added in place, and
+    # padded rows beyond the shared vocabulary keep a zero gradient.
+    grad_w = torch.zeros(w.shape, dtype=opts.dtype, device=w.device) if need_w else None
+    mm, t_mm = _matmul_dtype(h, opts.dtype), _matmul_dtype(h if t_h is None else t_h, opts.dtype)
+    w_mm = w[: opts.vocab].detach().to(mm)
+    t_w_mm = None if t_w is None else t_w[: opts.vocab].to(t_mm)
+    for s, e in _chunks(h.shape[0], opts.chunk_size):
+        h_c = h[s:e].detach().to(mm)
+        g_z, kd, ce = _chunk_grad_logits(h_c, w_mm, labels[s:e], opts,
+                                         None if t_h is None else t_h[s:e].to(t_mm), t_w_mm,
+                                         None if topk_ids is None else topk_ids[s:e],
+                                         None if topk_lp is None else topk_lp[s:e],
+                                         None if rest_lp is None else rest_lp[s:e], g_kd, g_ce)
+        if kd is not None:
+            sums[0] += kd
+            sums[1] += ce
+        g_z = g_z.to(mm)  # the logits' gradient enters the matmuls as their inputs do
+        if need_h:
+            grad_h[s:e] = g_z @ w_mm
+        if need_w:
+            _addmm_(grad_w[: opts.vocab], g_z.t(), h_c)
+        del g_z
+    return grad_h, grad_w, sums
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -501,6 +543,7 @@ def chunked_kd_loss(
     num_items_in_batch: int | Tensor | None = None,
     vocab_size: int | None = None,
     ignore_index: int = -100,
+    alpha: float | None = None,
 ) -> dict[str, Tensor]:
     """Token-level KD + CE from final hidden states, never materialising [tokens, V] logits.
 
@@ -524,6 +567,10 @@ def chunked_kd_loss(
             kept tokens of this call (clamped to >= 1).
         vocab_size: shared tokenizer length; both heads are cut to their first vocab_size
             rows (Qwen2.5: 152,064 vs 151,936 padded rows). Required when they differ.
+        alpha: the weight the caller will give the KD term (``combine(ce, kd, alpha)``, times
+            any constant). Given, the gradient is computed during the forward (no recomputation
+            in the backward: about 3 matmuls per chunk instead of 4); any other mixing still
+            gets the right gradient, by recomputation.
 
     Logits are h @ W^T without a bias (Qwen2 and Llama heads have none). Half-precision
     weights are cast to fp32 once per pass (V * H * 4 bytes while it runs) and the weight
@@ -539,7 +586,10 @@ def chunked_kd_loss(
                  kind, beta, chunk_size, vocab_size, ignore_index)
     # Drop masked positions before any logits exist: prompt tokens cost nothing.
     idx = b.keep.nonzero().squeeze(1)
-    opts = _Opts(float(temperature), kind, float(beta), b.vocab, int(chunk_size), b.dtype)
+    # (Inside the Function's forward grad mode is off: whether gradients will be wanted is read here.)
+    fused = alpha is not None and torch.is_grad_enabled()
+    weights = (float(alpha) * temperature**2, 1.0 - float(alpha)) if fused else None
+    opts = _Opts(float(temperature), kind, float(beta), b.vocab, int(chunk_size), b.dtype, weights)
     sums = _ChunkedKD.apply(
         b.h.index_select(0, idx), student_lm_head_weight, b.labels.index_select(0, idx),
         None if b.t_h is None else b.t_h.index_select(0, idx),
@@ -567,11 +617,12 @@ def naive_kd_loss(
     num_items_in_batch: int | Tensor | None = None,
     vocab_size: int | None = None,
     ignore_index: int = -100,
+    alpha: float | None = None,
 ) -> dict[str, Tensor]:
     """``chunked_kd_loss`` with full fp32 logits for every position, masked afterwards.
 
     The reference implementation (TRL style): what a careful user writes with the model's
-    logits, freeing what it can. ``chunk_size`` is accepted and ignored.
+    logits, freeing what it can. ``chunk_size`` and ``alpha`` are accepted and ignored.
     """
     b = _prepare(student_hidden, student_lm_head_weight, labels, teacher_hidden,
                  teacher_lm_head_weight, teacher_topk_ids, teacher_topk_logprobs, temperature,

@@ -322,7 +322,7 @@ def kd_losses(model: Any, module: Any, teacher: Any, teacher_module: Any, inputs
         return through_head(module, lambda w, h: chunked_kd_loss(
             h, w, labels, temperature=kd.kd_temperature, kind=kd.kd_divergence, beta=kd.kd_beta,
             chunk_size=kd.kd_chunk_size, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
-            **teacher_kwargs), hidden)
+            alpha=kd.kd_alpha, **teacher_kwargs), hidden)
 
     return through_wrapper(model, module, student_losses)
 

@@ -31,7 +31,7 @@ from pipeline.losses import combine
 from pipeline.sft import kd_losses
 
 BATCH, LENGTH, PROMPT = 4, 24, 6
-KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16)
+KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16, kd_alpha=0.5)
 
 
 def shard(model: torch.nn.Module, wrap: str) -> None:

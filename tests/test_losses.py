@@ -362,3 +362,28 @@ def test_fp32_chunked_matches_fp64_truth_at_a_larger_vocabulary(kind: str, beta:
     out = chunked_kd_loss(**batch, kind=kind, beta=beta, temperature=2.0, chunk_size=64)
     assert rel_err(out["kd_loss"].double(), truth["kd_loss"]) <= 1e-5
     assert rel_err(out["ce_loss"].double(), truth["ce_loss"]) <= 1e-5
+
+
+@pytest.mark.parametrize("teacher", ["online", "offline"])
+@pytest.mark.parametrize("kind,beta", KIND_BETA)
+def test_gradient_computed_in_the_forward_equals_the_recomputed_one(kind: str, beta: float, teacher: str) -> None:
+    """With alpha given, the forward computes the gradient of combine(ce, kd, alpha) and the
+    backward only scales it; a caller that mixes the terms otherwise still gets the right
+    gradient (the backward recomputes)."""
+    batch = make_batch()
+    if teacher == "offline":
+        ids, lp = offline_topk(batch, 7)
+        batch = {**{k: v for k, v in batch.items() if not k.startswith("teacher")},
+                 "teacher_topk_ids": ids, "teacher_topk_logprobs": lp}
+    kw = dict(kind=kind, beta=beta, temperature=2.0, chunk_size=5)
+    recomputed, gh, gw = loss_and_grads(chunked_kd_loss, batch, **kw)
+    fused, fgh, fgw = loss_and_grads(chunked_kd_loss, batch, alpha=0.5, **kw)
+    assert rel_err(fused["kd_loss"], recomputed["kd_loss"]) <= 1e-6
+    assert rel_err(fused["ce_loss"], recomputed["ce_loss"]) <= 1e-6
+    assert rel_err(fgh, gh) <= 1e-5 and rel_err(fgw, gw) <= 1e-5
+    h, w = batch["student_hidden"], batch["student_lm_head_weight"]
+    out = chunked_kd_loss(**batch, alpha=0.5, **kw)
+    only_kd = torch.autograd.grad(3.0 * out["kd_loss"], (h, w))
+    out = chunked_kd_loss(**batch, **kw)
+    reference = torch.autograd.grad(3.0 * out["kd_loss"], (h, w))
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(only_kd, reference))
