@@ -257,6 +257,42 @@ class _Opts:
     weights: tuple[float, float] | None = None
 
 
+def _offline_chunk(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, topk_ids: Tensor, topk_lp: Tensor,
+                   rest_lp: Tensor | None, g_kd: float | None = None,
+                   g_ce: float = 0.0) -> tuple[Tensor | None, Tensor, Tensor]:
+    """One chunk against an offline teacher: (d(g_kd * kd_sum + g_ce * ce_sum) / d logits, or None
+    without g_kd; kd_sum; ce_sum), in a few passes over one [chunk, V] buffer.
+
+    The student is coarsened at T = 1 to the teacher's k ids + the rest (``student_topk_buckets``)
+    from e = exp(z - max): the top-k and label logits are gathered first, the top-k entries of e
+    are zeroed, and the rest is the sum of what is left (exact: no 1 - sum(top-k) cancellation).
+    Gradient, with p = softmax(z), G = the bucket gradients' sum, P_rest the rest's mass: outside
+    the top-k g_kd * p_j * (g_rest / P_rest - G) + g_ce * p_j; at top-k bucket i g_kd * (g_i - G p_j)
+    + g_ce * p_j; minus g_ce at the label.
+    """
+    z = _logits(h, w)
+    z_top, z_label = z.gather(-1, topk_ids), z.gather(-1, labels[:, None])
+    m = z.amax(dim=-1, keepdim=True)
+    e = z.sub_(m).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    rest_mass = e.scatter_(-1, topk_ids, 0.0).sum(dim=-1, keepdim=True)
+    lse = total.log().add_(m)
+    has_rest = rest_mass > 0  # k = V leaves no rest: LOG_ZERO, as on the teacher's side
+    rest = torch.where(has_rest, rest_mass.log(), LOG_ZERO) - total.log()
+    s_b = soften(torch.cat([z_top - lse, rest], dim=-1), opts.temperature)
+    t_b = soften(teacher_topk_buckets(topk_lp.to(z.dtype), opts.vocab, rest_lp), opts.temperature)
+    kd, ce = divergence(s_b, t_b, opts.kind, opts.beta).sum(), (lse - z_label).sum()
+    if g_kd is None:
+        return None, kd, ce
+    g_b = _log_softmax_backward_(_divergence_grad_(s_b, t_b, opts.kind, opts.beta), s_b).div_(opts.temperature)
+    big_g = g_b.sum(dim=-1, keepdim=True)
+    inv_rest = torch.where(has_rest, rest_mass.reciprocal(), 0.0)
+    g = e.mul_(g_kd * (g_b[:, -1:] * inv_rest - big_g / total) + g_ce / total)  # top-k entries are 0 here
+    p_top = (z_top - lse).exp_()
+    g.scatter_(-1, topk_ids, (g_ce - g_kd * big_g) * p_top).scatter_add_(-1, topk_ids, g_b[:, :-1] * g_kd)
+    return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce)), kd, ce
+
+
 def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
                   t_w: Tensor | None, topk_ids: Tensor | None, topk_lp: Tensor | None,
                   rest_lp: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -266,10 +302,8 @@ def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor
         t_lp = _teacher_logprobs(t_h, t_w, t)
         s_lp, ce, _ = _student_logprobs(h, w, labels, t)
         return _divergence_sum_(s_lp, t_lp, opts.kind, opts.beta), ce
-    s_lp, ce, _ = _student_logprobs(h, w, labels, 1.0)
-    s_b = soften(student_topk_buckets(s_lp, topk_ids), t)
-    t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab, rest_lp), t)
-    return divergence(s_b, t_b, opts.kind, opts.beta).sum(), ce
+    _, kd, ce = _offline_chunk(h, w, labels, opts, topk_ids, topk_lp, rest_lp)
+    return kd, ce
 
 
 def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor | None,
@@ -281,31 +315,16 @@ def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: T
     Autograd over [chunk, V] would keep ~9 such tensors alive; this keeps about 3, by
     reusing the log-probs' and teacher's memory in place.
     """
+    if t_h is None:
+        return _offline_chunk(h, w, labels, opts, topk_ids, topk_lp, rest_lp, g_kd, g_ce)
     t = opts.temperature
-    kd = None
-    if t_h is not None:
-        t_lp = _teacher_logprobs(t_h, t_w, t)
-        s_lp, ce, shift = _student_logprobs(h, w, labels, t)
-        if opts.weights:
-            kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum()
-        g = _divergence_grad_(s_lp, t_lp, opts.kind, opts.beta)
-        del t_lp
-        g = _log_softmax_backward_(g, s_lp).mul_(g_kd / t)
-        p1 = s_lp.exp_() if t == 1.0 else s_lp.mul_(t).add_(shift).exp_()
-    else:
-        s_lp, ce, _ = _student_logprobs(h, w, labels, 1.0)
-        b = student_topk_buckets(s_lp, topk_ids)
-        s_b = soften(b, t)
-        t_b = soften(teacher_topk_buckets(topk_lp.to(s_lp.dtype), opts.vocab, rest_lp), t)
-        if opts.weights:
-            kd = divergence(s_b, t_b, opts.kind, opts.beta).sum()
-        g_b = _log_softmax_backward_(_divergence_grad_(s_b, t_b, opts.kind, opts.beta), s_b).div_(t)
-        # Through the coarsening: the rest bucket is logsumexp over the non-top-k ids
-        # (d rest / d lp_j = exp(lp_j - rest)), the top-k buckets are plain gathers.
-        g = (s_lp - b[:, -1:]).clamp_max_(0.0).exp_().mul_(g_b[:, -1:])
-        g.scatter_(-1, topk_ids, 0.0).scatter_add_(-1, topk_ids, g_b[:, :-1])
-        g = _log_softmax_backward_(g, s_lp).mul_(g_kd)
-        p1 = s_lp.exp_()
+    t_lp = _teacher_logprobs(t_h, t_w, t)
+    s_lp, ce, shift = _student_logprobs(h, w, labels, t)
+    kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum() if opts.weights else None
+    g = _divergence_grad_(s_lp, t_lp, opts.kind, opts.beta)
+    del t_lp
+    g = _log_softmax_backward_(g, s_lp).mul_(g_kd / t)
+    p1 = s_lp.exp_() if t == 1.0 else s_lp.mul_(t).add_(shift).exp_()
     # CE at T = 1: softmax(z) - onehot(label).
     g.add_(p1, alpha=g_ce)
     return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce)), kd, ce
