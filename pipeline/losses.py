@@ -257,6 +257,38 @@ class _Opts:
     weights: tuple[float, float] | None = None
 
 
+def _forward_kl_chunk(h: Tensor, w: Tensor, labels: Tensor, t_h: Tensor, t_w: Tensor, opts: _Opts, g_kd: float,
+                      g_ce: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk against an online teacher with forward KL (the default): (d(g_kd * kd_sum + g_ce *
+    ce_sum) / d logits, kd_sum, ce_sum), in a few passes over four [chunk, V] buffers.
+
+    With p_T = softmax(z_T / T), p_S = softmax(z_S / T), p_1 = softmax(z_S): kd_sum = sum p_T (log
+    p_T - log p_S), summed from the log-ratio itself (exact near zero); its gradient is
+    (p_S - p_T) / T, CE's is p_1 - onehot(label).
+    """
+    t = opts.temperature
+    zs, zt = _logits(h, w), _logits(t_h, t_w)
+    z_label = zs.gather(-1, labels[:, None])
+    m_s, m_t = zs.amax(dim=-1, keepdim=True), zt.amax(dim=-1, keepdim=True)
+    es = torch.sub(zs, m_s).div_(t).exp_()  # p_S * s_s
+    et = torch.sub(zt, m_t).div_(t).exp_()  # p_T * s_t
+    s_s, s_t = es.sum(dim=-1, keepdim=True), et.sum(dim=-1, keepdim=True)
+    lse_s, lse_t = m_s / t + s_s.log(), m_t / t + s_t.log()
+    log_ratio = zt.sub_(zs).div_(t).sub_(lse_t - lse_s)  # log p_T - log p_S, in z_T's memory
+    kd = (torch.einsum("nv,nv->n", et, log_ratio) / s_t.squeeze(1)).sum()
+    del log_ratio
+    if t == 1.0:  # p_1 is p_S
+        e1, s_1 = es, s_s
+        g = es.mul_((g_kd + g_ce) / s_s)
+    else:
+        e1 = zs.sub_(m_s).exp_()
+        s_1 = e1.sum(dim=-1, keepdim=True)
+        g = e1.mul_(g_ce / s_1).add_(es.mul_(g_kd / t / s_s))
+    ce = (m_s + s_1.log() - z_label).sum()
+    g.sub_(et.mul_(g_kd / t / s_t))
+    return g.scatter_add_(-1, labels[:, None], g.new_full((g.shape[0], 1), -g_ce)), kd, ce
+
+
 def _offline_chunk(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, topk_ids: Tensor, topk_lp: Tensor,
                    rest_lp: Tensor | None, g_kd: float | None = None,
                    g_ce: float = 0.0) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -317,6 +349,8 @@ def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: T
     """
     if t_h is None:
         return _offline_chunk(h, w, labels, opts, topk_ids, topk_lp, rest_lp, g_kd, g_ce)
+    if opts.kind == "forward_kl" or (opts.kind == "jsd" and opts.beta == 0):
+        return _forward_kl_chunk(h, w, labels, t_h, t_w, opts, g_kd, g_ce)
     t = opts.temperature
     t_lp = _teacher_logprobs(t_h, t_w, t)
     s_lp, ce, shift = _student_logprobs(h, w, labels, t)
