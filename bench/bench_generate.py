@@ -107,7 +107,8 @@ def main() -> None:
 
     cfg.logprobs = 20
     lp_tokens, lp_s, _ = stage(llm, cfg, work / "logprobs")
-    columns = pq.read_table(work / "logprobs" / "samples.parquet", columns=["topk_ids", "topk_logprobs", "token_logprobs"])
+    columns = pq.read_table(work / "logprobs" / "samples.parquet", columns=[
+        "topk_ids", "topk_logprobs", "topk_rest_logprob", "token_logprobs", "completion_token_ids"])
     logprobs = {"k": 20, "bytes_per_token_in_memory": columns.nbytes / lp_tokens,
                 "tok_s_with_logprobs": lp_tokens / lp_s}
     print(f"top-20 logprobs: {logprobs['bytes_per_token_in_memory']:.1f} bytes per token (arrow, in memory); "

@@ -11,13 +11,20 @@ p_T = softmax(z_T / T) and p_S = softmax(z_S / T) per position:
 ``chunked_kd_loss`` takes the final hidden states and lm_head weights rather than logits:
 a loss that receives full logits can never use less memory than those logits (4,096 tokens x
 151,936 vocab is 2.5 GB per fp32 tensor). It computes the logits of ``chunk_size`` target
-tokens at a time in fp32, and its backward recomputes them chunk by chunk with closed-form
-gradients, so peak memory is about three [chunk, V] fp32 tensors plus the fp32 lm_head
-gradient, whatever the number of tokens. Measured on CPU (bench/bench_kd_memory.py, 4,096
-tokens, V = 151,936, H = 896, forward KL + CE): naive 9.5 GB; chunked 2.4 GB at
-chunk_size 1024, 1.5 GB at 512, 1.0 GB at 256 (of which 0.5 GB is the weight gradient).
+tokens at a time in fp32 and takes their gradient in closed form chunk by chunk (in the
+backward, recomputing them, or in the forward, see below), so peak memory is a few [chunk, V]
+fp32 tensors plus the fp32 lm_head gradient, whatever the number of tokens. Measured on CPU (bench/bench_kd_memory.py, 4,096 tokens,
+V = 151,936, H = 896, forward KL + CE, gradient computed in the forward): naive 9.5 GB;
+chunked 3.0 GB at chunk_size 1024, 1.2 GB at 256 (of which 0.5 GB is the weight gradient).
 ``naive_kd_loss`` is the same loss with the full logits materialised: the reference for
 tests and for ``bench/bench_kd_memory.py``.
+
+Speed: given the KD weight (``alpha``), the gradient is computed during the forward, chunk by
+chunk, and the backward only scales it (Liger's fused linear cross-entropy does the same), so
+each chunk costs 3 matmuls, as plain SFT's head does. Forward KL against an online teacher and
+every offline teacher have closed-form chunks that touch each [chunk, V] buffer a few times
+(``_forward_kl_chunk``, ``_offline_chunk``). On CUDA with half-precision weights the matmuls run
+in that dtype with fp32 accumulation, softmax in fp32.
 
 Offline teachers (top-k log-probabilities stored with the traces) use a "rest" bucket; see
 ``teacher_topk_buckets`` for the tail convention.
