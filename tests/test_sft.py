@@ -312,3 +312,31 @@ def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tin
 
     flat, padded = losses_of(batch), losses_of(unpack(batch))
     assert torch.allclose(flat, padded, rtol=1e-5), (flat, padded)
+
+
+def test_two_machines_through_accelerate_multi_node_launch(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
+    """accelerate's multi-node launch (the README's SLURM recipe), as two 'machines' on localhost:
+    machine ranks 0 and 1 meet at the main address and train as 1 process with their global batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    common = ["-m", "pipeline", "sft", "--config", "configs/sft.yaml", "--model", str(tiny_qwen), "--dataset",
+              str(traces), "--max_steps", "2", "--logging_steps", "1", "--save_steps", "2", "--seed", "0",
+              "--kd", "offline", "--learning_rate", "1e-3", "--warmup_steps", "0"]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    machines = [subprocess.Popen([accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+                                  str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                                  "--main_process_port", port, *common, "--per_device_train_batch_size", "2",
+                                  "--output_dir", str(tmp_path / "two")],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in (0, 1)]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert all(m.returncode == 0 for m in machines), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "process 0 of 2 (MULTI_CPU)" in outputs[0][0] and "process 1 of 2 (MULTI_CPU)" in outputs[1][0]
+    one = subprocess.run([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir",
+                          str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for key in ("loss", "ce_loss", "kd_loss"):
+        assert losses(tmp_path / "two", key) == pytest.approx(losses(tmp_path / "one", key), rel=1e-3), key
