@@ -3,9 +3,12 @@
     loss = (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * D(teacher_T || student_T)
 
 on completion tokens only, D one of forward KL, reverse KL, generalized JSD (pipeline/losses.py).
-The teacher is online (a frozen model beside the student, on the same devices) or offline
-(the top-k logprobs the generate stage stored with `logprobs: k`). Checked before training: the chat template keeps the think block,
-every sample ends in the student's EOS and the EOS carries loss, no sample is cut silently.
+The teacher is online (a frozen model, placed and sharded by accelerate as the student is) or
+offline (the top-k logprobs and the rest the generate stage stored with `logprobs: k`, usable
+only by a student with the teacher's very vocabulary). Checked before training: the chat
+template keeps the think block, every sample ends in the student's EOS and the EOS carries
+loss, no sample is cut silently, offline rows are raw and from the student's vocabulary.
+Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `kd_losses` and tests/test_sft.py.
 
     output_dir/checkpoint-*/   resumable checkpoints (a rerun resumes from the last one)
     output_dir/                final model, tokenizer, generation config (EOS), README.md card
@@ -268,7 +271,7 @@ class KDTrainer(SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         unwrap = self.accelerator.unwrap_model
-        losses = kd_losses(model, unwrap(model), self.teacher, unwrap(self.teacher) if self.teacher else None,
+        losses = kd_losses(model, unwrap(model), self.teacher, None if self.teacher is None else unwrap(self.teacher),
                            inputs, self.kd, self.vocab_size, num_items_in_batch)
         loss = combine(losses["ce_loss"], losses["kd_loss"], self.kd.kd_alpha)
         # Each process's loss is its tokens' share of the all-process batch (num_items_in_batch is
