@@ -76,6 +76,9 @@ def main(cfg: SFTStageConfig) -> Path:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     save_student(trainer, trainer.processing_class, cfg)
+    # Trackers finish and the process group is destroyed before exit: a gloo group left to the
+    # interpreter's teardown can abort a process ("terminate called without an active exception").
+    trainer.accelerator.end_training()
     return Path(cfg.output_dir)
 
 
