@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo teacher test generate curate sft eval bench clean
+.PHONY: install demo teacher study test generate curate sft eval bench clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ demo: $(STAMP)
 # (runs/teacher/eval). `cp runs/teacher/model/* prompts/arithmetic/teacher/` replaces the shipped one.
 teacher: $(STAMP)
 	$(PY) -m pipeline.teacher --config $(or $(CONFIG),configs/teacher.yaml) $(ARGS)
+
+# A grid of generate -> sft -> eval runs, read back as one table and plot (configs/studies/).
+# ARGS=--reduced runs the study's small version (the test's); finished runs are reused on a rerun.
+STUDY ?= configs/studies/temperature.yaml
+study: $(STAMP)
+	$(PY) -m pipeline.study --config $(STUDY) $(ARGS)
 
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)

@@ -17,6 +17,7 @@ Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `kd_losses` and test
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ class SFTStageConfig(SFTConfig):
     model: str = "runs/demo/student-init"  # student: local path or hub id
     dataset: str = "runs/demo/traces"  # a traces dir (its curated/ is used), a saved dataset dir, or a hub id
     dataset_split: str = "train"  # for hub datasets
+    max_train_samples: int | None = None  # train on N traces: a random subset drawn with `seed` (unset: all)
     chat_template: Literal["student", "chatml"] = "student"  # chatml: a fallback that keeps <think> blocks
     # Logit KD.
     kd: Literal["none", "online", "offline"] = "none"
@@ -87,6 +89,8 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
     from transformers import AutoTokenizer
 
     dataset = load_traces(cfg.dataset, cfg.dataset_split, offline_kd=cfg.kd == "offline")
+    if cfg.max_train_samples is not None:
+        dataset = subset(dataset, cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if cfg.chat_template == "chatml" or tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -150,6 +154,15 @@ def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
                          f"columns present: {', '.join(data.column_names)}")
     keep = needed + [c for c in ("prompt_id", "teacher") if c in data.column_names]
     return data.select_columns(keep)
+
+
+def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
+    """`max_train_samples` traces drawn with the training seed: at one seed, every method gets the
+    same ones, and a smaller subset is part of a larger one."""
+    if cfg.max_train_samples > len(dataset):
+        raise ValueError(f"max_train_samples is {cfg.max_train_samples} but dataset {cfg.dataset} has only "
+                         f"{len(dataset)} traces: lower it, or generate more (max_prompts, num_samples)")
+    return dataset.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
 
 
 def _saved_empty(path: Path) -> bool:
@@ -459,8 +472,20 @@ def save_student(trainer: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
         model.generation_config.save_pretrained(str(out))
     if trainer.is_world_process_zero():
         (out / "README.md").write_text(model_card(cfg, trainer))
+        (out / "train_summary.json").write_text(json.dumps(train_summary(trainer), indent=2) + "\n")
     if cfg.push_to_hub:
         trainer.push_to_hub()
+
+
+def train_summary(trainer: Any) -> dict[str, Any]:
+    """What the student saw: samples, distinct prompts, trained (completion) tokens, steps."""
+    data = trainer.train_dataset
+    mask = "labels" if "labels" in data.column_names else "completion_mask"
+    tokens = sum(sum(t != -100 if mask == "labels" else t for t in row) for row in data[mask])
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {"samples": len(data), "completion_tokens": int(tokens), "steps": trainer.state.global_step,
+            "prompts": len(set(data["prompt_id"])) if "prompt_id" in data.column_names else None,
+            "final_loss": history[-1]["loss"] if history else None}
 
 
 def model_card(cfg: SFTStageConfig, trainer: Any) -> str:

@@ -33,7 +33,7 @@ class TeacherConfig(SFTStageConfig, PromptSource):
     dataset: str = "runs/teacher/solutions"
     prompt_set: str = "prompts/arithmetic"
     split: str = "train"
-    solution_column: str = "solution"  # a full completion: <think>...</think> answer
+    solution_column: str = "solution"  # a full completion (<think>...</think> answer), or a list of them
     hidden_size: int = 128
     num_layers: int = 4
     intermediate_size: int = 512
@@ -61,7 +61,7 @@ def main(cfg: TeacherConfig) -> Path:
     (out / "README.md").write_text(
         f"# {cfg.prompt_set} teacher\n\nA Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, MLP "
         f"{cfg.intermediate_size}) trained from scratch by r1-distill on the worked `{cfg.solution_column}` of "
-        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} rows): `python -m pipeline.teacher` "
+        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline.teacher` "
         f"(`make teacher`), every key in `stage_config.yaml` beside this card.\n")
     if scoring:
         from pipeline.eval import main as eval_main
@@ -84,13 +84,15 @@ def eval_config(cfg: TeacherConfig) -> Any:
 
 def solution_records(src: PromptSource, column: str) -> list[dict[str, Any]]:
     """Prompt-completion records: each prompt rendered as generate and eval render it, and its
-    row's worked solution as the completion."""
+    row's worked solution as the completion (one record per solution where the row has a list)."""
     records = []
     for p in load_prompts(src).prompts:
-        if not isinstance(p.row.get(column), str):
-            raise ValueError(f"{src.prompt_set} ({src.split}), prompt {p.id}: no {column!r} text; "
-                             "the teacher trains on each row's worked solution (set solution_column)")
-        records.append({"prompt": chat_prompt(p), "completion": [{"role": "assistant", "content": p.row[column]}]})
+        solutions = p.row.get(column)
+        solutions = [solutions] if isinstance(solutions, str) else solutions
+        if not solutions or not all(isinstance(s, str) for s in solutions):
+            raise ValueError(f"{src.prompt_set} ({src.split}), prompt {p.id}: no {column!r} text or list of "
+                             "texts; the teacher trains on each row's worked solutions (set solution_column)")
+        records += [{"prompt": chat_prompt(p), "completion": [{"role": "assistant", "content": s}]} for s in solutions]
     return records
 
 

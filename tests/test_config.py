@@ -21,8 +21,9 @@ SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" n
 def config_class(path: Path) -> type:
     import importlib
 
-    stage = path.stem.split("-")[0].split("_")[0]
-    module, name = ("pipeline.teacher", "TeacherConfig") if stage == "teacher" else STAGES[stage]
+    stage = "study" if path.parent.name == "studies" else path.stem.split("-")[0].split("_")[0]
+    module, name = {"teacher": ("pipeline.teacher", "TeacherConfig"),
+                    "study": ("pipeline.study", "StudyConfig")}.get(stage) or STAGES[stage]
     return getattr(importlib.import_module(module), name)
 
 

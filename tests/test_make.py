@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,17 +103,45 @@ def test_make_demo_quick_distilled_student_beats_the_untrained_one(clone: Path) 
         assert (out / path).is_file() and f"runs/quick/{path}" in result.stdout
 
 
-def test_make_teacher_trains_then_scores(clone: Path) -> None:
-    make(clone, "teacher", "ARGS=--max_prompts 8 --max_steps 2 --hidden_size 64 --num_layers 1 "
-                           "--save_strategy no --eval_max_prompts 2")
+@pytest.mark.parametrize("config", [None, "configs/teacher-sums.yaml"])
+def test_make_teacher_trains_then_scores(clone: Path, config: str | None) -> None:
+    make(clone, "teacher", *([f"CONFIG={config}"] if config else []),
+         "ARGS=--max_prompts 8 --max_steps 2 --hidden_size 64 --num_layers 1 --save_strategy no --eval_max_prompts 2")
+    runs = "runs/teacher-sums" if config else "runs/teacher"
     for path in ("model/model.safetensors", "model/README.md", "solutions", "eval/report.md"):
-        assert (clone / "runs/teacher" / path).exists(), path
-    scored = json.loads((clone / "runs/teacher/eval/report.json").read_text())
+        assert (clone / runs / path).exists(), path
+    scored = json.loads((clone / runs / "eval/report.json").read_text())
     assert list(scored["models"]) == ["teacher"] and scored["protocol"]["n_prompts"] == 2
-    assert scored["protocol"]["models"]["teacher"] == "runs/teacher/model"
+    assert scored["protocol"]["models"]["teacher"] == f"{runs}/model"
+    records = len(datasets.load_from_disk(str(clone / runs / "solutions")))
+    assert records == 8 * (4 if config else 1)  # the sums set has 4 worked paths per prompt
 
 
 def test_make_bench_quick(clone: Path) -> None:
     make(clone, "bench", "ARGS=--quick")
     for script in sorted((clone / "bench").glob("bench_*.py")):  # bench/bench_x.py writes runs/bench/x.json
         assert (clone / "runs/bench" / f"{script.stem.removeprefix('bench_')}.json").is_file(), script.name
+
+
+@pytest.mark.parametrize("name", ["temperature", "data", "samples"])
+def test_make_study_reduced(clone: Path, name: str) -> None:
+    from pipeline.study import cells, load_study
+
+    study = load_study(str(clone / f"configs/studies/{name}.yaml"), {"reduced": "true"})
+    make(clone, "study", f"STUDY=configs/studies/{name}.yaml", "ARGS=--reduced")
+    out = clone / study.output_dir
+    table = json.loads((out / "study.json").read_text())
+    assert len(table["rows"]) == len(cells(study)) // len(study.seeds)
+    assert table["references"]["teacher"] >= 0.8, table["references"]
+    for row in table["rows"]:
+        assert 0 <= row["pass@1"] <= 1 and len(row["per_seed"]) == len(study.seeds), row
+        # every student trained on the number of traces its cell asks for
+        wanted = int(row["traces"]) if "traces" in study.axes else study.common["sft.max_train_samples"]
+        assert row["trained_samples"] == wanted, row
+        baseline = all(row[axis] == value for axis, value in study.baseline.items())
+        assert ("vs_baseline" in row) != baseline, row
+    assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
+    if name == "temperature":  # a rerun reuses every finished run and only reads the table back
+        rerun = make(clone, "study", f"STUDY=configs/studies/{name}.yaml", "ARGS=--reduced")
+        assert "-m pipeline " not in rerun.stdout and rerun.stdout.count("done, reused") == len(
+            list((out / "configs").glob("*/*.done")))

@@ -22,6 +22,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("name,split,count,ending", [("arithmetic", "train", 5000, "?"), ("arithmetic", "test", 200, "?"),
+                                                     ("sums", "train", 4000, "?"), ("sums", "test", 200, "?"),
                                                      ("word_problems", "test", 30, "within \\boxed{}.")])
 def test_shipped_sets_load_with_answers(name: str, split: str, count: int, ending: str) -> None:
     ps = load_prompts(PromptSource(prompt_set=str(ROOT / "prompts" / name), split=split), require_answers=True)
@@ -29,12 +30,29 @@ def test_shipped_sets_load_with_answers(name: str, split: str, count: int, endin
     assert all(p.text.endswith(ending) and p.answer for p in ps.prompts)
 
 
-def test_arithmetic_splits_are_disjoint_and_made_by_the_script(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "prompts/arithmetic/make.py"), "--out", str(tmp_path)], check=True)
+@pytest.mark.parametrize("name", ["arithmetic", "sums"])
+def test_shipped_splits_are_disjoint_and_made_by_the_script(tmp_path: Path, name: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / f"prompts/{name}/make.py"), "--out", str(tmp_path)], check=True)
     for split in ("train", "test"):
-        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"prompts/arithmetic/{split}.jsonl").read_bytes()
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"prompts/{name}/{split}.jsonl").read_bytes()
     questions = {s: {json.loads(l)["question"] for l in (tmp_path / f"{s}.jsonl").open()} for s in ("train", "test")}
     assert not questions["train"] & questions["test"]
+
+
+def test_sums_paths_are_distinct_valid_and_a_wrong_one_is_caught() -> None:
+    sys.path.insert(0, str(ROOT / "prompts/sums"))
+    from make import check_solution  # the script's own checker, which make.py runs on every path
+
+    rows = [json.loads(line) for line in (ROOT / "prompts/sums/train.jsonl").open()]
+    assert all(len(set(r["solutions"])) == len(r["solutions"]) == 4 for r in rows)
+    terms = [int(t) for t in rows[0]["question"].removeprefix("What is ").removesuffix("?").split(" + ")]
+    for text in rows[0]["solutions"]:
+        check_solution(terms, text)
+    first = rows[0]["solutions"][0].split("\n")[1]  # e.g. "1+7=8: 5 + 8 + 5 + 5"
+    a, b = first.split("=")[0].split("+")
+    wrong = rows[0]["solutions"][0].replace(first, first.replace(f"={int(a) + int(b)}:", f"={int(a) + int(b) + 1}:"))
+    with pytest.raises(ValueError, match="does not follow"):
+        check_solution(terms, wrong)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "dataset_dir"])

@@ -1,0 +1,434 @@
+"""Studies: a grid of pipeline runs (generate -> sft -> eval per cell), read back as one table and plot.
+
+A study config (configs/studies/*.yaml) names a base config per stage and the axes to vary:
+
+    stages: {generate: configs/studies/sums/generate.yaml, sft: ..., eval: ...}
+    axes:
+      sampling_T: {key: generate.temperatures, values: [0.6, 1.0]}          # one key
+      method:                                                               # named bundles of keys
+        values: {SFT: {sft.kd: none}, KD: {sft.kd: online, sft.teacher: prompts/sums/teacher}}
+    zip: []          # axes are combined as a product; each list here advances its axes together
+    seeds: [0, 1]    # every cell is trained once per seed (seed_keys), reported as mean and spread
+    baseline: {method: SFT}   # paired differences: each cell against this value, same seeds and prompts
+
+Each cell's stages chain: its sft trains on the traces of its generate overrides (shared between
+cells that have the same ones) and the eval scores every student with the base eval config's
+models (the teacher) beside them. Every stage is a normal run, `python -m pipeline STAGE --config
+OUT/configs/...yaml`, in its own process; a finished one is skipped on a rerun (a cell whose
+config changed since is refused, not reused), and a killed one resumes as that stage does.
+
+    OUT/traces/<cell>/  OUT/students/<cell>/  OUT/eval/   the runs
+    OUT/configs/        each run's config and, once it finished, its .done (config hash, seconds)
+    OUT/study.md, study.json, study.png                   the table and the plot
+
+    python -m pipeline.study --config configs/studies/temperature.yaml [--reduced] [--key value ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, load_config, parse_cli, parse_yaml
+
+STAGES = ("generate", "sft", "eval")
+
+
+@dataclass
+class StudyConfig:
+    description: str = ""
+    output_dir: str = "runs/studies/study"
+    stages: dict = field(default_factory=dict)  # stage -> base config file; generate is optional
+    axes: dict = field(default_factory=dict)  # name -> {key, values} or {values: {label: {stage.key: value}}}
+    zip: list = field(default_factory=list)  # groups of axis names that advance together
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seed_keys: list[str] = field(default_factory=lambda: ["sft.seed"])
+    student_init: dict | None = None  # tiny.build_model arguments: one random student init per seed
+    common: dict = field(default_factory=dict)  # stage.key: value for every cell
+    baseline: dict = field(default_factory=dict)  # axis: value, the reference of paired differences
+    plot: dict = field(default_factory=dict)  # {kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}
+    reduced: dict = field(default_factory=dict)  # --reduced: these keys replace (axes, common: update) the above
+    launcher: dict = field(default_factory=dict)  # stage -> command that runs `-m pipeline ...` (default: python)
+
+    def __post_init__(self) -> None:
+        if not {"sft", "eval"} <= set(self.stages) <= set(STAGES):
+            raise ValueError(f"stages must name base configs for sft and eval (and optionally generate), "
+                             f"got {sorted(self.stages)}")
+        for stage, path in self.stages.items():
+            if not Path(path).is_file():
+                raise ValueError(f"stages.{stage}: config file {path} does not exist")
+        for group in self.zip:
+            unknown = set(group) - set(self.axes)
+            if unknown:
+                raise ValueError(f"zip names axes that do not exist: {sorted(unknown)} (axes: {sorted(self.axes)})")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+
+
+# ---------------------------------------------------------------------------- the grid
+
+@dataclass
+class Cell:
+    """One combination of axis values and one seed; `labels` maps axis (and `seed`) to value label."""
+
+    labels: dict[str, str]
+    overrides: dict[str, dict[str, Any]]  # stage -> key -> value
+    stages_set: dict[str, set[str]]  # axis -> the stages its value sets keys of
+
+    def name(self, stage: str) -> str:
+        """The run's name: the labels of the dimensions that reach it. A student depends on its
+        traces; one eval scores the students of every cell that shares its eval keys."""
+        reach = {"generate": {"generate"}, "sft": {"generate", "sft"}, "eval": {"eval"}}[stage]
+        parts = [f"{axis}-{label}" for axis, label in self.labels.items() if self.stages_set[axis] & reach]
+        return _slug("__".join(parts) or "all")
+
+
+def axis_values(name: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {stage.key: value}) for each value of an axis."""
+    if not isinstance(spec, dict) or "values" not in spec:
+        raise ConfigError(f"axis {name!r}: expected {{key: stage.key, values: [...]}} or {{values: {{label: "
+                          f"{{stage.key: value, ...}}}}}}, got {spec!r}")
+    values = spec["values"]
+    if "key" in spec:
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"axis {name!r}: values must be a non-empty list for a single key")
+        return [(str(v), {spec["key"]: v}) for v in values]
+    if not isinstance(values, dict) or not all(isinstance(b, dict) for b in values.values()):
+        raise ConfigError(f"axis {name!r}: without `key`, values must map each label to its keys")
+    return [(str(label), dict(bundle)) for label, bundle in values.items()]
+
+
+def cells(cfg: StudyConfig) -> list[Cell]:
+    """Every combination: zipped groups advance together, the rest combine as a product, then seeds."""
+    axes = {name: axis_values(name, spec) for name, spec in cfg.axes.items()}
+    for group in cfg.zip:
+        if len({len(axes[a]) for a in group}) > 1:
+            raise ConfigError(f"zip {group}: zipped axes need the same number of values, got "
+                              + ", ".join(f"{a}: {len(axes[a])}" for a in group))
+    grouped = [list(g) for g in cfg.zip] + [[a] for a in axes if not any(a in g for g in cfg.zip)]
+    dims = [[tuple((a, axes[a][i]) for a in group) for i in range(len(axes[group[0]]))] for group in grouped]
+    dims.append([(("seed", (str(s), {k: s for k in cfg.seed_keys})),) for s in cfg.seeds])
+    out = []
+    for combo in itertools.product(*dims):
+        labels, overrides, touched = {}, {s: {} for s in STAGES}, {}
+        for axis, (label, bundle) in (pair for group in combo for pair in group):
+            labels[axis] = label
+            touched[axis] = set()
+            for dotted, value in bundle.items():
+                stage, key = stage_key(dotted, f"axis {axis!r}, value {label!r}")
+                if key in overrides[stage]:
+                    raise ConfigError(f"{dotted} is set by two axes ({axis!r} and another): give it to one")
+                overrides[stage][key] = value
+                touched[axis].add(stage)
+        out.append(Cell(labels, overrides, touched))
+    return out
+
+
+def stage_key(dotted: str, where: str) -> tuple[str, str]:
+    stage, _, key = dotted.partition(".")
+    if stage not in STAGES or not key:
+        raise ConfigError(f"{where}: {dotted!r} is not stage.key (stages: {', '.join(STAGES)})")
+    return stage, key
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
+
+
+# ---------------------------------------------------------------------------- running
+
+def main(cfg: StudyConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    grid = cells(cfg)
+    runs = plan(cfg, grid, out)
+    print(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
+    for run in runs:  # every config is checked before anything runs
+        check_config(run)
+    start = time.time()
+    for run in runs:
+        execute(cfg, run)
+    print(f"study ran in {time.time() - start:.0f} s")
+    return report(cfg, grid, runs, out)
+
+
+@dataclass
+class Run:
+    stage: str
+    name: str
+    config: dict[str, Any]
+    path: Path  # the config file under OUT/configs/
+
+
+def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
+    """The distinct generate, sft and eval runs of the grid, in the order they must run."""
+    base = {stage: parse_yaml(Path(path).read_text()) or {} for stage, path in cfg.stages.items()}
+    common = {s: {} for s in STAGES}
+    for dotted, value in cfg.common.items():
+        stage, key = stage_key(dotted, "common")
+        common[stage][key] = value
+    runs: dict[tuple[str, str], Run] = {}
+
+    def add(stage: str, name: str, config: dict[str, Any]) -> Run:
+        run = Run(stage, name, config, out / "configs" / stage / f"{name}.yaml")
+        if runs.setdefault((stage, name), run).config != config:
+            raise ConfigError(f"{stage} run {name}: two cells give it different configs")
+        return run
+
+    evals: dict[str, dict[str, Any]] = {}
+    for cell in grid:
+        sft = {**base["sft"], **common["sft"], **cell.overrides["sft"],
+               "output_dir": str(out / "students" / cell.name("sft"))}
+        if "generate" in cfg.stages:
+            traces = out / "traces" / cell.name("generate")
+            add("generate", cell.name("generate"), {**base["generate"], **common["generate"],
+                                                    **cell.overrides["generate"], "output_dir": str(traces)})
+            sft["dataset"] = str(traces)
+        if cfg.student_init:
+            sft["model"] = str(out / "inits" / f"seed-{cell.labels['seed']}")
+        add("sft", cell.name("sft"), sft)
+        evaluation = evals.setdefault(cell.name("eval"), {**base["eval"], **common["eval"], **cell.overrides["eval"],
+                                                          "output_dir": str(out / "eval" / cell.name("eval"))})
+        evaluation["models"] = list(evaluation.get("models") or []) + [f"{cell.name('sft')}={sft['output_dir']}"]
+    for name, evaluation in evals.items():
+        add("eval", name, evaluation)
+    return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
+
+
+def check_config(run: Run) -> None:
+    """Load the run's config as its stage will, so a bad key stops the study before the first run."""
+    from pipeline.__main__ import STAGES as MODULES
+
+    module, cls = MODULES[run.stage]
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    run.path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    try:
+        load_config(getattr(importlib.import_module(module), cls), run.path)
+    except ConfigError as err:
+        raise ConfigError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
+
+
+def execute(cfg: StudyConfig, run: Run) -> None:
+    """Run one stage in its own process, unless it finished with this very config."""
+    done = run.path.with_suffix(".done")
+    digest = hashlib.sha256(json.dumps(run.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if done.is_file():
+        finished = json.loads(done.read_text())
+        if finished["config"] == digest:
+            print(f"==> {run.stage} {run.name}: done, reused")
+            return
+        if run.stage != "eval":  # eval reuses each model's samples itself; a new model list just adds some
+            raise ConfigError(f"{run.stage} run {run.name} finished with another config than the study's now "
+                              f"({run.config['output_dir']}): delete it and {done} to run it again, or give the "
+                              "study another output_dir")
+    if run.stage == "sft" and cfg.student_init:
+        init = Path(run.config["model"])
+        if not (init / "config.json").is_file():
+            from pipeline.tiny import build_model
+
+            build_model(init, **cfg.student_init, seed=int(init.name.removeprefix("seed-")))
+    launcher = shlex.split(cfg.launcher[run.stage]) if run.stage in cfg.launcher else [sys.executable]
+    command = [*launcher, "-m", "pipeline", run.stage, "--config", str(run.path)]
+    print(f"\n==> {run.stage} {run.name}: {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, check=True)
+    done.write_text(json.dumps({"config": digest, "seconds": round(time.time() - start, 1)}) + "\n")
+
+
+# ---------------------------------------------------------------------------- reading it back
+
+def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> dict[str, Any]:
+    """Mean pass@1 over seeds per cell, the spread across seeds, and paired differences against
+    the baseline: per seed, and per prompt (averaged over seeds) for a 95% interval."""
+    scores: dict[str, dict[str, float]] = {}  # student run -> prompt id -> mean correct over its samples
+    references: dict[str, float] = {}  # the base eval's own models (the teacher)
+    for run in (r for r in runs if r.stage == "eval"):
+        eval_dir = Path(run.config["output_dir"])
+        rows = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
+        by_model: dict[str, dict[str, list[bool]]] = {}
+        for r in rows:
+            by_model.setdefault(r["model"], {}).setdefault(r["prompt_id"], []).append(bool(r["correct"]))
+        students = {m.split("=", 1)[0] for m in run.config["models"]} & {c.name("sft") for c in grid}
+        for model, prompts in by_model.items():
+            per_prompt = {p: sum(v) / len(v) for p, v in prompts.items()}
+            if model in students:
+                scores[model] = per_prompt
+            else:
+                references[model] = sum(per_prompt.values()) / len(per_prompt)
+    axes = [a for a in grid[0].labels if a != "seed"]
+    groups: dict[tuple[str, ...], list[Cell]] = {}
+    for cell in grid:
+        groups.setdefault(tuple(cell.labels[a] for a in axes), []).append(cell)
+
+    def per_seed(key: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        return {c.labels["seed"]: scores[c.name("sft")] for c in groups[key]}
+
+    rows = []
+    for key, members in groups.items():
+        seeds = per_seed(key)
+        pass1 = {s: _mean(list(p.values())) for s, p in seeds.items()}
+        summary = _read_json(out / "students" / members[0].name("sft") / "train_summary.json")
+        row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
+               "per_seed": pass1, "trained_samples": summary.get("samples"),
+               "trained_tokens": summary.get("completion_tokens")}
+        base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
+        if cfg.baseline and base_key != key and base_key in groups:
+            row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
+        rows.append(row)
+    seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "configs").glob("*/*.done"))
+    result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
+              "references": references, "rows": rows, "run_seconds": round(seconds)}
+    (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "study.md").write_text(markdown(result))
+    plot(result, cfg.plot, out / "study.png")
+    print(markdown(result))
+    print(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
+    return result
+
+
+def paired_difference(cell: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """cell - baseline on the same seeds and prompts: per seed, their mean and spread, and a 95%
+    interval over prompts of the per-prompt difference averaged over seeds."""
+    seeds = sorted(set(cell) & set(base))
+    prompts = sorted(set.intersection(*(set(cell[s]) & set(base[s]) for s in seeds)))
+    per_seed = {s: _mean([cell[s][p] - base[s][p] for p in prompts]) for s in seeds}
+    per_prompt = [_mean([cell[s][p] - base[s][p] for s in seeds]) for p in prompts]
+    half = 1.96 * _std(per_prompt) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    mean = _mean(per_prompt)
+    return {"mean": mean, "seed_std": _std(list(per_seed.values())), "per_seed": per_seed,
+            "prompt_ci95": [mean - half, mean + half], "seeds_better": sum(d > 0 for d in per_seed.values()),
+            "seeds": len(seeds)}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs: list[float]) -> float:
+    """Sample standard deviation (n - 1); nan for a single value."""
+    if len(xs) < 2:
+        return float("nan")
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    axes, n = result["axes"], len(result["seeds"])
+    lines = [f"{result['description']}".strip(), "",
+             f"pass@1: mean over {n} seed(s) ± their standard deviation; paired difference: the same seeds and "
+             "prompts against the baseline, mean ± the seeds' standard deviation, [95% interval over prompts], "
+             "seeds where the cell is better.", ""]
+    head = [*axes, "pass@1", "per seed", "trained samples", "trained tokens (first seed)", "vs " + ", ".join(
+        f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        diff = row.get("vs_baseline")
+        diff_text = (f"{diff['mean']:+.3f} ± {_fmt(diff['seed_std'])} [{diff['prompt_ci95'][0]:+.3f}, "
+                     f"{diff['prompt_ci95'][1]:+.3f}], {diff['seeds_better']}/{diff['seeds']}") if diff else ""
+        lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
+                                         " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
+                                         str(row["trained_samples"]), str(row["trained_tokens"]), diff_text]) + " |")
+    refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
+    lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
+              ""]
+    return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """heatmap (x, y), lines (x, one line per `lines` axis) or bars (x): mean pass@1, seed spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, kind = result["rows"], spec.get("kind", "bars")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    order = lambda axis: list(dict.fromkeys(r[axis] for r in rows))  # noqa: E731 (grid order)
+    if kind == "heatmap":
+        xs, ys = order(spec["x"]), order(spec["y"])
+        at = {(r[spec["x"]], r[spec["y"]]): r for r in rows}
+        grid = [[at[(x, y)]["pass@1"] for x in xs] for y in ys]
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                r = at[(x, y)]
+                ax.text(j, i, f"{r['pass@1']:.3f}\n±{_fmt(r['seed_std'])}", ha="center", va="center",
+                        color="white" if r["pass@1"] < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.set_ylabel(spec["y"])
+        fig.colorbar(image, ax=ax, label="student pass@1")
+    else:
+        lines = order(spec["lines"]) if kind == "lines" else [None]
+        xs = order(spec["x"])
+        for k, line in enumerate(lines):
+            points = [r for r in rows if line is None or r[spec["lines"]] == line]
+            means = [next(r["pass@1"] for r in points if r[spec["x"]] == x) for x in xs]
+            spread = [0 if math.isnan(s) else s for s in
+                      (next(r["seed_std"] for r in points if r[spec["x"]] == x) for x in xs)]
+            if kind == "lines":
+                ax.errorbar(range(len(xs)), means, yerr=spread, marker="o", capsize=3, label=line)
+            else:
+                ax.bar(range(len(xs)), means, yerr=spread, capsize=4, color="tab:blue")
+        for m, (name, value) in enumerate(result["references"].items()):
+            ax.axhline(value, linestyle="--", color=f"C{m + 3}", label=f"{name} {value:.3f}")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_ylabel("student pass@1 (mean ± seed std)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(spec.get("x", ""))
+    title = result["description"].split(" (make study")[0] or "study"
+    references = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
+    ax.set_title(textwrap.fill(title, 70) + (f"\n(reference: {references})" if kind == "heatmap" and references else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+
+def load_study(path: str | None, overrides: dict[str, str]) -> StudyConfig:
+    """The study config; with --reduced, its `reduced` keys laid over it (axes and common are updated)."""
+    reduced = overrides.pop("reduced", "false") in ("true", "True", "1")
+    cfg = load_config(StudyConfig, path, overrides)
+    if not reduced:
+        return cfg
+    if not cfg.reduced:
+        raise ConfigError(f"{path}: --reduced needs a `reduced:` section in the study config")
+    values = {k: v for k, v in vars(cfg).items() if k != "reduced"}
+    for key, value in cfg.reduced.items():
+        if key not in values:
+            raise ConfigError(f"{path}: reduced.{key} is not a study key")
+        values[key] = {**values[key], **value} if key in ("axes", "common") else value
+    return StudyConfig(**values)
+
+
+if __name__ == "__main__":
+    try:
+        config_path, raw = parse_cli(sys.argv[1:])
+        main(load_study(config_path, raw))
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"error: a run failed ({' '.join(err.cmd)}); fix it and rerun the study: finished runs are reused")

@@ -1,0 +1,102 @@
+"""The study command: the grid it builds, how runs chain and are reused, and its statistics.
+The shipped studies run for real, reduced, in tests/test_make.py."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.study import Run, StudyConfig, cells, execute, load_study, paired_difference, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMS = {stage: str(ROOT / f"configs/studies/sums/{stage}.yaml") for stage in ("generate", "sft", "eval")}
+TEMPERATURE = {"key": "generate.temperatures", "values": [0.5, 1.0]}
+METHOD = {"values": {"SFT": {"sft.kd": "none"}, "KD": {"sft.kd": "online", "sft.kd_temperature": 2.0}}}
+
+
+def study(**kw) -> StudyConfig:
+    return StudyConfig(**{"stages": SUMS, "axes": {"T": TEMPERATURE, "method": METHOD}, "seeds": [0, 1], **kw})
+
+
+def test_axes_combine_as_a_product_with_seeds_and_runs_are_named_by_what_reaches_them() -> None:
+    grid = cells(study())
+    assert len(grid) == 2 * 2 * 2
+    assert {c.name("generate") for c in grid} == {"T-0.5", "T-1.0"}  # method and seed do not reach generate
+    assert len({c.name("sft") for c in grid}) == 8
+    kd = next(c for c in grid if c.labels == {"T": "1.0", "method": "KD", "seed": "1"})
+    assert kd.overrides["sft"] == {"kd": "online", "kd_temperature": 2.0, "seed": 1}
+    assert kd.overrides["generate"] == {"temperatures": 1.0}
+    assert kd.name("sft") == "T-1.0__method-KD__seed-1" and kd.name("eval") == "all"
+
+
+def test_zipped_axes_advance_together() -> None:
+    prompts = {"key": "generate.max_prompts", "values": [100, 200]}
+    grid = cells(study(axes={"T": TEMPERATURE, "prompts": prompts}, zip=[["T", "prompts"]], seeds=[0]))
+    assert [(c.labels["T"], c.labels["prompts"]) for c in grid] == [("0.5", "100"), ("1.0", "200")]
+    with pytest.raises(ConfigError, match="same number of values"):
+        cells(study(axes={"T": TEMPERATURE, "prompts": {**prompts, "values": [1, 2, 3]}}, zip=[["T", "prompts"]]))
+
+
+def test_a_key_set_by_two_axes_and_a_bad_key_are_refused() -> None:
+    with pytest.raises(ConfigError, match="generate.temperatures is set by two axes"):
+        cells(study(axes={"T": TEMPERATURE, "again": {"key": "generate.temperatures", "values": [2.0]}}))
+    with pytest.raises(ConfigError, match="'temperature' is not stage.key"):
+        cells(study(axes={"T": {"key": "temperature", "values": [1.0]}}))
+    with pytest.raises(ValueError, match="stages must name base configs for sft and eval"):
+        StudyConfig(stages={"sft": SUMS["sft"]})
+
+
+def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
+    cfg = study(output_dir=str(tmp_path), student_init={"hidden_size": 64})
+    runs = plan(cfg, cells(cfg), tmp_path)
+    by_stage = {s: [r for r in runs if r.stage == s] for s in ("generate", "sft", "eval")}
+    assert [len(v) for v in by_stage.values()] == [2, 8, 1]
+    assert [r.stage for r in runs] == ["generate"] * 2 + ["sft"] * 8 + ["eval"]  # the order they must run in
+    for sft in by_stage["sft"]:
+        temperature = sft.name.split("__")[0]
+        assert sft.config["dataset"] == str(tmp_path / "traces" / temperature)
+        assert sft.config["model"] == str(tmp_path / "inits" / f"seed-{sft.config['seed']}")
+        assert sft.config["max_steps"] == 800  # the base config's keys stay where no axis sets them
+    models = by_stage["eval"][0].config["models"]
+    assert models[0] == "teacher=prompts/sums/teacher" and len(models) == 9
+
+
+def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "configs/sft/x.yaml"
+    path.parent.mkdir(parents=True)
+    run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0}, path)
+    digest = __import__("hashlib").sha256(json.dumps(run.config, sort_keys=True).encode()).hexdigest()[:16]
+    path.with_suffix(".done").write_text(json.dumps({"config": digest, "seconds": 1.0}))
+    execute(study(), run)  # would start `python -m pipeline sft` on a config file that does not exist
+    assert "done, reused" in capsys.readouterr().out
+    run.config["seed"] = 1
+    with pytest.raises(ConfigError, match=r"students/x\): delete it"):
+        execute(study(), run)
+
+
+def test_paired_difference_is_taken_on_the_same_seeds_and_prompts() -> None:
+    cell = {"0": {"a": 1.0, "b": 0.5, "c": 0.25}, "1": {"a": 0.75, "b": 0.5, "c": 1.0}}
+    base = {"0": {"a": 0.5, "b": 0.5, "c": 0.0, "d": 1.0}, "1": {"a": 1.0, "b": 0.25, "c": 0.5}}  # d: not shared
+    diff = paired_difference(cell, base)
+    per_seed = {"0": (0.5 + 0 + 0.25) / 3, "1": (-0.25 + 0.25 + 0.5) / 3}
+    assert diff["per_seed"] == pytest.approx(per_seed)
+    assert diff["seed_std"] == pytest.approx(statistics.stdev(per_seed.values()))
+    per_prompt = [(0.5 - 0.25) / 2, (0 + 0.25) / 2, (0.25 + 0.5) / 2]
+    half = 1.96 * statistics.stdev(per_prompt) / 3 ** 0.5
+    assert diff["mean"] == pytest.approx(statistics.mean(per_prompt))
+    assert diff["prompt_ci95"] == pytest.approx([statistics.mean(per_prompt) - half, statistics.mean(per_prompt) + half])
+    assert (diff["seeds_better"], diff["seeds"]) == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["temperature", "data", "samples"])
+def test_reduced_lays_its_keys_over_the_study(name: str) -> None:
+    path = ROOT / f"configs/studies/{name}.yaml"
+    full, reduced = load_study(str(path), {}), load_study(str(path), {"reduced": "true"})
+    assert reduced.output_dir == full.output_dir + "-reduced" and reduced.stages == full.stages
+    assert set(reduced.axes) == set(full.axes)
+    assert {**full.common, **full.reduced["common"]} == reduced.common
+    assert len(cells(reduced)) < len(cells(full))
