@@ -213,8 +213,14 @@ def check_config(run: Run) -> None:
     from pipeline.__main__ import STAGES as MODULES
 
     module, cls = MODULES[run.stage]
+    text = yaml.safe_dump(run.config, sort_keys=False)
+    started = run.path.is_file() and Path(run.config["output_dir"]).exists()
+    if started and run.stage != "eval" and run.path.read_text() != text:
+        # the stage would resume that run's checkpoints or shards under the new config
+        raise ConfigError(f"{run.stage} run {run.name} was started with another config ({run.path}): delete "
+                          f"{run.config['output_dir']} to run it with the study's config now")
     run.path.parent.mkdir(parents=True, exist_ok=True)
-    run.path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    run.path.write_text(text)
     try:
         load_config(getattr(importlib.import_module(module), cls), run.path)
     except ConfigError as err:

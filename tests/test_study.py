@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.study import Run, StudyConfig, cells, execute, load_study, paired_difference, plan
+from pipeline.study import Run, StudyConfig, cells, check_config, execute, load_study, paired_difference, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMS = {stage: str(ROOT / f"configs/studies/sums/{stage}.yaml") for stage in ("generate", "sft", "eval")}
@@ -100,3 +100,14 @@ def test_reduced_lays_its_keys_over_the_study(name: str) -> None:
     assert set(reduced.axes) == set(full.axes)
     assert {**full.common, **full.reduced["common"]} == reduced.common
     assert len(cells(reduced)) < len(cells(full))
+
+
+def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    cfg = study(output_dir=str(tmp_path), seeds=[0])
+    sft = next(r for r in plan(cfg, cells(cfg), tmp_path) if r.stage == "sft")
+    check_config(sft)  # writes the config the run will start with
+    Path(sft.config["output_dir"]).mkdir(parents=True)  # ... and it started (a killed run: checkpoints, no .done)
+    check_config(sft)  # the same config again: it resumes
+    sft.config["max_train_samples"] = 10
+    with pytest.raises(ConfigError, match="was started with another config"):
+        check_config(sft)  # it would resume the old run's checkpoints under the new config
