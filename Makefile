@@ -69,7 +69,7 @@ curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=20 $(ARGS)
 
 # Every bench/bench_*.py; figures go to BENCHMARKS.md by hand, each script also writes runs/bench/*.json.
 # ARGS go to every script: `make bench ARGS=--quick` runs each at its smallest sizes, once (a check).

@@ -288,7 +288,7 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
         pass1 = {s: _mean(list(p.values())) for s, p in seeds.items()}
         summary = _read_json(out / "students" / members[0].name("sft") / "train_summary.json")
         row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
-               "per_seed": pass1, "trained_samples": summary.get("samples"),
+               "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
                "trained_tokens": summary.get("completion_tokens")}
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
@@ -338,10 +338,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     axes, n = result["axes"], len(result["seeds"])
     lines = [f"{result['description']}".strip(), "",
-             f"pass@1: mean over {n} seed(s) ± their standard deviation; paired difference: the same seeds and "
-             "prompts against the baseline, mean ± the seeds' standard deviation, [95% interval over prompts], "
-             "seeds where the cell is better.", ""]
-    head = [*axes, "pass@1", "per seed", "trained samples", "trained tokens (first seed)", "vs " + ", ".join(
+             f"pass@1: mean over {n} seed(s) ± their standard deviation; traces, prompts and completion tokens "
+             "the student trained on (first seed); paired difference: the same seeds and prompts against the "
+             "baseline, mean ± the seeds' standard deviation, [95% interval over prompts], seeds where the cell is "
+             "better.", ""]
+    head = [*axes, "pass@1", "per seed", "traces (prompts)", "trained tokens", "vs " + ", ".join(
         f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -350,7 +351,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{diff['prompt_ci95'][1]:+.3f}], {diff['seeds_better']}/{diff['seeds']}") if diff else ""
         lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
                                          " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
-                                         str(row["trained_samples"]), str(row["trained_tokens"]), diff_text]) + " |")
+                                         f"{row['trained_samples']} ({row['trained_prompts']})",
+                                         str(row["trained_tokens"]), diff_text]) + " |")
     refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
     lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
               ""]
