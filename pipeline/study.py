@@ -294,7 +294,8 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
         rows.append(row)
-    seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "configs").glob("*/*.done"))
+    seconds = sum(json.loads(done.read_text())["seconds"] for done in (r.path.with_suffix(".done") for r in runs)
+                  if done.is_file())
     result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
               "references": references, "rows": rows, "run_seconds": round(seconds)}
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
