@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.sft import SFTStageConfig, main
+from pipeline.sft import SFTStageConfig, load_traces, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -57,6 +57,25 @@ def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Pat
     card = (out / "README.md").read_text()
     assert str(tiny_qwen) in card and str(traces) in card
     assert yaml.safe_load((out / "stage_config.yaml").read_text())["dataset"] == str(traces)
+    summary = json.loads((out / "train_summary.json").read_text())
+    data = load_traces(str(traces), "train")
+    assert summary["samples"] == len(data) and summary["prompts"] == len(set(data["prompt_id"]))
+    # each completion's tokens (byte-level: no merges across the boundary) and the template's end of turn (EOS, newline)
+    completions = [len(tokenizer(r["completion"][0]["content"], add_special_tokens=False).input_ids) + 2 for r in data]
+    assert summary["completion_tokens"] == sum(completions) and summary["steps"] > 0
+
+
+def test_max_train_samples_takes_a_seeded_subset_or_says_there_are_too_few(tmp_path: Path, tiny_qwen: Path,
+                                                                         traces: Path) -> None:
+    from pipeline.sft import build_trainer
+
+    def prompts(seed: int, n: int) -> list[str]:
+        cfg = sft_config(tmp_path, tiny_qwen, traces, max_train_samples=n, seed=seed)
+        return build_trainer(cfg).train_dataset["prompt_id"]
+
+    assert len(prompts(0, 16)) == 16 and prompts(0, 8) == prompts(0, 16)[:8] != prompts(1, 8)
+    with pytest.raises(ValueError, match="max_train_samples is 100000 but dataset .* has only"):
+        prompts(0, 100_000)
 
 
 def test_eos_ends_every_sample_and_carries_loss(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
