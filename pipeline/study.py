@@ -377,10 +377,12 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     if kind == "heatmap":
         xs, ys = order(spec["x"]), order(spec["y"])
         at = {(r[spec["x"]], r[spec["y"]]): r for r in rows}
-        grid = [[at[(x, y)]["pass@1"] for x in xs] for y in ys]
+        grid = [[at[(x, y)]["pass@1"] if (x, y) in at else float("nan") for x in xs] for y in ys]  # zip: gaps
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
         for i, y in enumerate(ys):
             for j, x in enumerate(xs):
+                if (x, y) not in at:
+                    continue
                 r = at[(x, y)]
                 ax.text(j, i, f"{r['pass@1']:.3f}\n±{_fmt(r['seed_std'])}", ha="center", va="center",
                         color="white" if r["pass@1"] < 0.6 else "black", fontsize=8)
@@ -392,14 +394,14 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
         lines = order(spec["lines"]) if kind == "lines" else [None]
         xs = order(spec["x"])
         for k, line in enumerate(lines):
-            points = [r for r in rows if line is None or r[spec["lines"]] == line]
-            means = [next(r["pass@1"] for r in points if r[spec["x"]] == x) for x in xs]
-            spread = [0 if math.isnan(s) else s for s in
-                      (next(r["seed_std"] for r in points if r[spec["x"]] == x) for x in xs)]
+            points = [r for r in rows if line is None or r[spec["lines"]] == line]  # zipped axes: not every x
+            at = [xs.index(r[spec["x"]]) for r in points]
+            means = [r["pass@1"] for r in points]
+            spread = [0 if math.isnan(r["seed_std"]) else r["seed_std"] for r in points]
             if kind == "lines":
-                ax.errorbar(range(len(xs)), means, yerr=spread, marker="o", capsize=3, label=line)
+                ax.errorbar(at, means, yerr=spread, marker="o", capsize=3, label=line)
             else:
-                ax.bar(range(len(xs)), means, yerr=spread, capsize=4, color="tab:blue")
+                ax.bar(at, means, yerr=spread, capsize=4, color="tab:blue")
         for m, (name, value) in enumerate(result["references"].items()):
             ax.axhline(value, linestyle="--", color=f"C{m + 3}", label=f"{name} {value:.3f}")
         ax.set_xticks(range(len(xs)), xs)
