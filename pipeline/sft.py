@@ -166,8 +166,6 @@ def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
 
 
 def _saved_empty(path: Path) -> bool:
-    import json
-
     state = path / "state.json"
     return state.is_file() and not json.loads(state.read_text()).get("_data_files")
 

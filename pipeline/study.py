@@ -32,7 +32,7 @@ import itertools
 import json
 import math
 import re
-import shlex
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -62,7 +62,6 @@ class StudyConfig:
     baseline: dict = field(default_factory=dict)  # axis: value, the reference of paired differences
     plot: dict = field(default_factory=dict)  # {kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}
     reduced: dict = field(default_factory=dict)  # --reduced: these keys replace (axes, common: update) the above
-    launcher: dict = field(default_factory=dict)  # stage -> command that runs `-m pipeline ...` (default: python)
 
     def __post_init__(self) -> None:
         if not {"sft", "eval"} <= set(self.stages) <= set(STAGES):
@@ -158,9 +157,15 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     print(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
     for run in runs:  # every config is checked before anything runs
         check_config(run)
+    if cfg.student_init:
+        from pipeline.tiny import build_model
+
+        for seed in cfg.seeds:
+            if not (student_init(out, seed) / "config.json").is_file():
+                build_model(student_init(out, seed), **cfg.student_init, seed=seed)
     start = time.time()
     for run in runs:
-        execute(cfg, run)
+        execute(run)
     print(f"study ran in {time.time() - start:.0f} s")
     return report(cfg, grid, runs, out)
 
@@ -198,7 +203,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
                                                     **cell.overrides["generate"], "output_dir": str(traces)})
             sft["dataset"] = str(traces)
         if cfg.student_init:
-            sft["model"] = str(out / "inits" / f"seed-{cell.labels['seed']}")
+            sft["model"] = str(student_init(out, int(cell.labels["seed"])))
         add("sft", cell.name("sft"), sft)
         evaluation = evals.setdefault(cell.name("eval"), {**base["eval"], **common["eval"], **cell.overrides["eval"],
                                                           "output_dir": str(out / "eval" / cell.name("eval"))})
@@ -206,6 +211,10 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
     for name, evaluation in evals.items():
         add("eval", name, evaluation)
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
+
+
+def student_init(out: Path, seed: int) -> Path:
+    return out / "inits" / f"seed-{seed}"
 
 
 def check_config(run: Run) -> None:
@@ -216,7 +225,8 @@ def check_config(run: Run) -> None:
     text = yaml.safe_dump(run.config, sort_keys=False)
     started = run.path.is_file() and Path(run.config["output_dir"]).exists()
     if started and run.stage != "eval" and run.path.read_text() != text:
-        # the stage would resume that run's checkpoints or shards under the new config
+        # finished, it would be stale; unfinished, the stage would resume its checkpoints or shards
+        # under the new config. Eval is exempt: it keys each model's samples on protocol and weights.
         raise ConfigError(f"{run.stage} run {run.name} was started with another config ({run.path}): delete "
                           f"{run.config['output_dir']} to run it with the study's config now")
     run.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,27 +237,15 @@ def check_config(run: Run) -> None:
         raise ConfigError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
 
 
-def execute(cfg: StudyConfig, run: Run) -> None:
-    """Run one stage in its own process, unless it finished with this very config."""
+def execute(run: Run) -> None:
+    """Run one stage in its own process, unless it finished with this very config (a changed one
+    was refused by check_config; an eval with more models runs again and samples only those)."""
     done = run.path.with_suffix(".done")
     digest = hashlib.sha256(json.dumps(run.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if done.is_file():
-        finished = json.loads(done.read_text())
-        if finished["config"] == digest:
-            print(f"==> {run.stage} {run.name}: done, reused")
-            return
-        if run.stage != "eval":  # eval reuses each model's samples itself; a new model list just adds some
-            raise ConfigError(f"{run.stage} run {run.name} finished with another config than the study's now "
-                              f"({run.config['output_dir']}): delete it and {done} to run it again, or give the "
-                              "study another output_dir")
-    if run.stage == "sft" and cfg.student_init:
-        init = Path(run.config["model"])
-        if not (init / "config.json").is_file():
-            from pipeline.tiny import build_model
-
-            build_model(init, **cfg.student_init, seed=int(init.name.removeprefix("seed-")))
-    launcher = shlex.split(cfg.launcher[run.stage]) if run.stage in cfg.launcher else [sys.executable]
-    command = [*launcher, "-m", "pipeline", run.stage, "--config", str(run.path)]
+    if done.is_file() and json.loads(done.read_text())["config"] == digest:
+        print(f"==> {run.stage} {run.name}: done, reused")
+        return
+    command = [sys.executable, "-m", "pipeline", run.stage, "--config", str(run.path)]
     print(f"\n==> {run.stage} {run.name}: {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, check=True)
@@ -321,15 +319,12 @@ def paired_difference(cell: dict[str, dict[str, float]], base: dict[str, dict[st
 
 
 def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+    return statistics.fmean(xs) if xs else float("nan")
 
 
 def _std(xs: list[float]) -> float:
     """Sample standard deviation (n - 1); nan for a single value."""
-    if len(xs) < 2:
-        return float("nan")
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -393,7 +388,7 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     else:
         lines = order(spec["lines"]) if kind == "lines" else [None]
         xs = order(spec["x"])
-        for k, line in enumerate(lines):
+        for line in lines:
             points = [r for r in rows if line is None or r[spec["lines"]] == line]  # zipped axes: not every x
             at = [xs.index(r[spec["x"]]) for r in points]
             means = [r["pass@1"] for r in points]

@@ -67,15 +67,16 @@ def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
 
 def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, capsys) -> None:
     path = tmp_path / "configs/sft/x.yaml"
-    path.parent.mkdir(parents=True)
-    run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0}, path)
+    run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0, "use_cpu": True, "bf16": False}, path)
+    check_config(run)  # writes the config the run starts with
+    Path(run.config["output_dir"]).mkdir(parents=True)  # ... and it ran
     digest = __import__("hashlib").sha256(json.dumps(run.config, sort_keys=True).encode()).hexdigest()[:16]
     path.with_suffix(".done").write_text(json.dumps({"config": digest, "seconds": 1.0}))
-    execute(study(), run)  # would start `python -m pipeline sft` on a config file that does not exist
+    execute(run)  # would start `python -m pipeline sft` on a config without model or traces
     assert "done, reused" in capsys.readouterr().out
     run.config["seed"] = 1
-    with pytest.raises(ConfigError, match=r"students/x\): delete it"):
-        execute(study(), run)
+    with pytest.raises(ConfigError, match=r"delete .*students/x to run it"):
+        check_config(run)
 
 
 def test_paired_difference_is_taken_on_the_same_seeds_and_prompts() -> None:
