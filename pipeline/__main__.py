@@ -12,6 +12,7 @@ from pipeline.prompts import PromptSetError
 STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
           "curate": ("pipeline.curate", "CurateStageConfig"),
           "sft": ("pipeline.sft", "SFTStageConfig"),
+          "onpolicy": ("pipeline.onpolicy", "OnPolicyConfig"),
           "eval": ("pipeline.eval", "EvalConfig")}
 
 

@@ -1,4 +1,5 @@
-"""Trace records on disk: shards written as samples finish, the dataset assembled from them, exports.
+"""Trace records on disk: shards written as samples finish, the dataset assembled from them, exports,
+and traces read back for training (`load_traces`).
 
 Every write here is atomic (a temporary name, then a rename): a killed run never leaves half a
 file behind. Nothing here holds a whole run in memory: shards are read a few key columns at a
@@ -12,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 KEY = ("prompt_id", "temperature", "sample_index")  # one work unit; each is stored exactly once
 BATCH = 1024  # rows per batch when streaming a dataset to a file
@@ -166,3 +167,39 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     os.replace(tmp, path)
+
+
+def load_traces(source: str, split: str = "train", needed: Sequence[str] = ("prompt", "completion"),
+                hint: str = "") -> Any:
+    """A training set: a traces dir (its curated/), a saved dataset, or a hub dataset, cut to the
+    `needed` columns and prompt_id/teacher (a missing needed one is an error that adds `hint`)."""
+    import datasets
+
+    path = Path(source)
+    if (path / "curated").is_dir():
+        path = path / "curated"
+    if path.is_dir():
+        # datasets 5.2 cannot load a dataset that was saved with no rows
+        data = None if _saved_empty(path) else datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data[split]
+    elif path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise FileNotFoundError(f"dataset {source} does not exist: make it with `make generate` (or set --dataset "
+                                "to your traces: a traces dir, a dataset saved with save_to_disk, or a hub id "
+                                "like owner/name)")
+    else:
+        data = datasets.load_dataset(source, split=split)
+    if data is None or len(data) == 0:
+        raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
+                         "see curation.json beside it)")
+    missing = [c for c in needed if c not in data.column_names]
+    if missing:
+        raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
+                         f"columns present: {', '.join(data.column_names)}")
+    keep = list(needed) + [c for c in ("prompt_id", "teacher") if c in data.column_names]
+    return data.select_columns(keep)
+
+
+def _saved_empty(path: Path) -> bool:
+    state = path / "state.json"
+    return state.is_file() and not json.loads(state.read_text()).get("_data_files")

