@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo teacher study test generate curate sft eval bench clean
+.PHONY: install demo teacher study test generate curate sft onpolicy eval bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ runs/demo/student-init/config.json: | $(STAMP)
 SFT_CONFIG = $(or $(CONFIG),configs/sft.yaml)
 sft: $(STAMP) $(if $(filter configs/sft.yaml,$(SFT_CONFIG)),runs/demo/student-init/config.json)
 	$(LAUNCH) sft --config $(SFT_CONFIG) $(ARGS)
+
+# The student samples, the teacher scores each token (TRL's DistillationTrainer): after `make sft`.
+onpolicy: $(STAMP)
+	$(LAUNCH) onpolicy --config $(or $(CONFIG),configs/onpolicy.yaml) $(ARGS)
 
 eval: $(STAMP)
 	$(LAUNCH) eval --config $(or $(CONFIG),configs/eval.yaml) $(ARGS)

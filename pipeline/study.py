@@ -20,7 +20,7 @@ e.g. a student stopped early that every method continues). Runs with the same co
 OUT/configs/...yaml`, in its own process; a finished one is skipped on a rerun (a cell whose
 config changed since is refused, not reused), and a killed one resumes as that stage does.
 
-    OUT/traces/<cell>/  OUT/students/<cell>/  OUT/eval/   the runs
+    OUT/traces/<cell>/  OUT/students/<cell>/  OUT/onpolicy/<cell>/  OUT/warm/  OUT/eval/   the runs
     OUT/configs/        each run's config and, once it finished, its .done (config hash, seconds)
     OUT/study.md, study.json, study.png                   the table and the plot
 
@@ -92,6 +92,7 @@ class Cell:
     labels: dict[str, str]
     overrides: dict[str, dict[str, Any]]  # stage -> key -> value
     stages_set: dict[str, set[str]]  # axis -> the stages its value sets keys of
+    outputs: dict[str, str] = field(default_factory=dict)  # training stage -> its student's dir (set by plan)
 
     def name(self, stage: str) -> str:
         """The run's name: the labels of the dimensions that reach it. A student depends on its
@@ -246,6 +247,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
                 config["dataset"] = str(traces)
             model = output(stage, cell.name(stage), config,
                            out / ("students" if stage == "sft" else stage) / cell.name(stage))
+            cell.outputs[stage] = model
         evaluation = evals.setdefault(cell.name("eval"), {**base["eval"], **common["eval"], **cell.overrides["eval"],
                                                           "output_dir": str(out / "eval" / cell.name("eval"))})
         evaluation["models"] = list(evaluation.get("models") or []) + [f"{cell.student}={model}"]
@@ -305,7 +307,6 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
     the baseline: per seed, and per prompt (averaged over seeds) for a 95% interval."""
     scores: dict[str, dict[str, float]] = {}  # student run -> prompt id -> mean correct over its samples
     references: dict[str, float] = {}  # the base eval's own models (the teacher)
-    students = dict(m.split("=", 1) for r in runs if r.stage == "eval" for m in r.config["models"])
     for run in (r for r in runs if r.stage == "eval"):
         eval_dir = Path(run.config["output_dir"])
         rows = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
@@ -330,10 +331,13 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
     for key, members in groups.items():
         seeds = per_seed(key)
         pass1 = {s: _mean(list(p.values())) for s, p in seeds.items()}
-        summary = _read_json(Path(students[members[0].student]) / "train_summary.json")
+        # the data of the cell's first training stage; the tokens seen by all of them (not the warm start)
+        chain = [_read_json(Path(d) / "train_summary.json") for d in members[0].outputs.values()]
+        summary = chain[0]
+        seen = [s.get("tokens_seen") for s in chain]
         row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
                "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
-               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": summary.get("tokens_seen")}
+               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": None if None in seen else sum(seen)}
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -90,6 +91,14 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
     assert set(report(demo / "eval/report.json")) == {"teacher", "untrained", "student-sft"}
     assert (demo / "eval/report.md").is_file() and (demo / "eval/accuracy.png").is_file()
 
+    # The chain goes on: the SFT student samples, the teacher scores its tokens, then both are scored.
+    make(clone, "onpolicy", "ARGS=--max_steps 2 --per_device_train_batch_size 4 --max_completion_length 24 "
+         "--save_strategy no")
+    summary = json.loads((demo / "student-onpolicy/train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples"] == 8 and summary["share_of_step"]["sampling"] > 0
+    make(clone, "eval", "CONFIG=configs/eval-onpolicy.yaml", "ARGS=--max_prompts 4 --num_samples 1")
+    assert set(report(demo / "eval-onpolicy/report.json")) == {"teacher", "student-sft", "student-onpolicy"}
+
 
 def test_make_demo_quick_distilled_student_beats_the_untrained_one(clone: Path) -> None:
     result = make(clone, "demo", "ARGS=--quick --out runs/quick")
@@ -123,7 +132,7 @@ def test_make_bench_quick(clone: Path) -> None:
         assert (clone / "runs/bench" / f"{script.stem.removeprefix('bench_')}.json").is_file(), script.name
 
 
-@pytest.mark.parametrize("name", ["temperature", "data", "samples"])
+@pytest.mark.parametrize("name", ["temperature", "data", "samples", "continuation"])
 def test_make_study_reduced(clone: Path, name: str) -> None:
     from pipeline.study import cells, load_study
 
@@ -136,13 +145,19 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
     for row in table["rows"]:
         assert 0 <= row["pass@1"] <= 1 and len(row["per_seed"]) == len(study.seeds), row
         # every student trained on the number of traces its cell asks for
-        wanted = int(row["traces"]) if "traces" in study.axes else study.common["sft.max_train_samples"]
-        assert row["trained_samples"] == wanted, row
+        wanted = int(row["traces"]) if "traces" in study.axes else study.common.get("sft.max_train_samples")
+        assert wanted is None or row["trained_samples"] == wanted, row
+        assert row["tokens_seen"] > 0, row
         base = {**{a: row[a] for a in table["axes"]}, **study.baseline}
         paired = base != {a: row[a] for a in table["axes"]} and any(
             all(r[a] == base[a] for a in table["axes"]) for r in table["rows"])
         assert ("vs_baseline" in row) == paired, row
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
+    if name == "continuation":  # every arm starts from the seed's warm start, scored beside the teacher
+        assert set(table["references"]) == {"teacher", "warm__all__seed-0"}, table["references"]
+        for stage in ("sft", "onpolicy"):
+            config = yaml.safe_load(next((out / "configs" / stage).glob("arm-*.yaml")).read_text())
+            assert config["model"] == f"{study.output_dir}/warm/warm__all__seed-0", config
     if name == "temperature":  # a rerun reuses every finished run and only reads the table back
         rerun = make(clone, "study", f"STUDY=configs/studies/{name}.yaml", "ARGS=--reduced")
         assert "-m pipeline " not in rerun.stdout and rerun.stdout.count("done, reused") == len(
