@@ -213,7 +213,14 @@ def gold_trainer(cfg: OnPolicyConfig, tokenizer: Any, prompts: Any, common: dict
 
 def train_summary(trainer: Any) -> dict[str, Any]:
     """What the student trained on (its own samples), and where the steps' time went."""
-    counts = trainer._counters() if isinstance(trainer, StepTimes) else {}
+    counts = dict(trainer._counters()) if isinstance(trainer, StepTimes) else {}
+    if counts and trainer.accelerator.num_processes > 1:  # every process sampled its share (timings: this one's)
+        import torch
+
+        totals = trainer.accelerator.reduce(torch.tensor([counts["sampled_tokens"], counts["completions"]],
+                                                         device=trainer.accelerator.device), "sum").tolist()
+        counts["sampled_tokens"], counts["completions"] = (int(x) for x in totals)
+        counts["prompts"] = []  # distinct prompts are counted per process only
     summary = {"samples": counts.get("completions"), "prompts": len(counts.get("prompts", [])) or None,
                "completion_tokens": counts.get("sampled_tokens"), "tokens_seen": counts.get("sampled_tokens"),
                "steps": trainer.state.global_step,

@@ -55,6 +55,21 @@ def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny
     assert len(history(out)) == 3
 
 
+def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
+    """`make onpolicy NUM_PROCESSES=2`: two real processes (gloo), each sampling its share."""
+    out = tmp_path / "student"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "-m", "pipeline", "onpolicy", "--config", "configs/onpolicy.yaml", "--model", str(tiny_llama),
+         "--teacher", str(tiny_qwen), "--output_dir", str(out), "--max_steps", "2",
+         "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--save_strategy", "no",
+         "--max_prompts", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 1 of 2 (MULTI_CPU)" in result.stdout + result.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples"] == 2 * 2 * 2, summary  # steps x processes x batch
+
+
 def test_a_student_equal_to_its_teacher_has_zero_loss(tmp_path: Path, tiny_qwen: Path) -> None:
     out = main(onpolicy_config(tmp_path, tiny_qwen, tiny_qwen, max_steps=1, beta=0.5, learning_rate=0.0))
     assert history(out) == [pytest.approx(0.0, abs=1e-6)]

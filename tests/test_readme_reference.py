@@ -33,6 +33,7 @@ from pipeline.config import parse_yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {**STAGES, "teacher": ("pipeline.teacher", "TeacherConfig"), "study": ("pipeline.study", "StudyConfig")}
 SECTIONS = {"generate": ["generate"], "curate": ["generate"], "sft": ["sft"], "eval": ["eval", "generate"],
+            "onpolicy": ["onpolicy", "sft", "generate"],
             "teacher": ["teacher", "sft", "generate"], "study": ["study"]}
 WORDS = None  # what a default written in words stands for
 _PART = re.compile(r"(?:`[^`]*`|\[[^\]]*\]|\([^)]*\)|[^,`\[(])+")
