@@ -12,9 +12,10 @@ Which divergence is optimised depends on the teacher (the model card says which 
   The server returns top-k log-probs only, so beta = 0 is forward KL over the teacher's top-k ids
   plus one tail bucket, and beta > 0 is generalized JSD over a top-1 support (the teacher's argmax
   and the sampled token) plus a tail bucket: a far coarser signal than the local path's.
-- a teacher with another tokenizer, or `lmbda` < 1: TRL's GOLD trainer (ULD loss, see
-  `gold_trainer`); `lmbda` is the share of batches the student samples, the rest are completions
-  from `traces`, scored by the live teacher (stored ids mean nothing to another tokenizer).
+- a teacher with another tokenizer: TRL's GOLD trainer (ULD loss, see `gold_trainer`); `lmbda`
+  is the share of batches the student samples, the rest are completions from `traces`, scored
+  by the live teacher (stored ids mean nothing to another tokenizer). With a shared tokenizer
+  the off-policy part is the sft stage's online KD.
 
 Prompts come from a prompt set exactly as in generate (files, hub ids, column maps, templates).
 The student samples with HF generate here; `use_vllm` is TRL's (see README for vLLM 0.32).
@@ -52,7 +53,7 @@ class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys):
     teacher: str | None = "prompts/arithmetic/teacher"  # a local teacher: path or hub id
     teacher_server: str | None = None  # or the URL of a vLLM server serving the teacher (then teacher: null)
     server_top_k: int = 1  # served teacher: top-k log-probs per token (TRL: 1 when beta > 0)
-    lmbda: float = 1.0  # share of on-policy batches; < 1 mixes in `traces` (GOLD trainer)
+    lmbda: float = 1.0  # share of on-policy batches; < 1 mixes in `traces` (GOLD trainer, another tokenizer)
     traces: str | None = None  # off-policy completions for lmbda < 1: a traces dir or saved dataset
     gold: dict = field(default_factory=dict)  # extra GOLDConfig keys (uld_*), cross-tokenizer runs only
     chat_template: Literal["student", "chatml"] = "student"
@@ -91,10 +92,14 @@ def build_trainer(cfg: OnPolicyConfig) -> Any:
         args = trainer_config(ServerDistillationConfig, cfg, teacher_model_server_url=cfg.teacher_server,
                               loss_top_k=cfg.server_top_k)
         trainer = ServerOnPolicyTrainer(args=args, **common)
-    elif cfg.lmbda == 1 and same_tokenizer(cfg.teacher, tokenizer):
-        trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
-    else:
+    elif not same_tokenizer(cfg.teacher, tokenizer):
         trainer = gold_trainer(cfg, tokenizer, prompts, common)
+    elif cfg.lmbda < 1:
+        raise ValueError(f"lmbda: {cfg.lmbda} with a teacher that shares the student's tokenizer: its off-policy "
+                         "part is the sft stage's online KD (make sft ARGS='--kd online --teacher ...'), then "
+                         "lmbda: 1 here")
+    else:
+        trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
     state = trainer.accelerator.state
     print(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
           f"({state.distributed_type.value}), {len(prompts)} prompts")

@@ -70,6 +70,19 @@ def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_l
     assert summary["steps"] == 2 and summary["samples"] == 2 * 2 * 2, summary  # steps x processes x batch
 
 
+def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.onpolicy import build_trainer
+
+    with pytest.raises(ConfigError, match="name one teacher"):
+        onpolicy_config(tmp_path, tiny_llama, tiny_qwen, teacher_server="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="needs lmbda: 1 and temperature: 1.0"):
+        onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9", temperature=0.7)
+    with pytest.raises(ValueError, match="sft stage's online KD"):  # shared tokenizer: off-policy is sft's
+        build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, traces=str(tmp_path)))
+    assert not (tmp_path / "student").exists()
+
+
 def test_a_student_equal_to_its_teacher_has_zero_loss(tmp_path: Path, tiny_qwen: Path) -> None:
     out = main(onpolicy_config(tmp_path, tiny_qwen, tiny_qwen, max_steps=1, beta=0.5, learning_rate=0.0))
     assert history(out) == [pytest.approx(0.0, abs=1e-6)]
