@@ -28,5 +28,5 @@ def run(argv: list[str]) -> None:
 if __name__ == "__main__":  # the guard matters: vLLM starts its workers with spawn
     try:
         run(sys.argv[1:])
-    except (ConfigError, PromptSetError, FileNotFoundError) as err:  # bad input: one line that says what to do
+    except (ConfigError, PromptSetError, FileNotFoundError, ConnectionError) as err:  # bad input: one line, what to do
         sys.exit(f"error: {err}")

@@ -23,21 +23,22 @@ PROBE = "<|im_start|>user\nWhat is 12 + 30? Résumé, naïve 数学<|im_end|>\n<
 
 
 def client(url: str) -> Any:
-    """TRL's client for the server (it retries transient failures); fails clearly when unreachable."""
+    """TRL's client for the server (it retries transient failures)."""
     from trl.generation.vllm_client import VLLMClient
 
-    try:
-        return VLLMClient(base_url=url, connection_timeout=30.0)
-    except (ConnectionError, requests.RequestException) as err:
-        raise ConnectionError(f"teacher_server {url} does not answer ({err}); start it with `vllm serve TEACHER "
-                              "--max-logprobs K` (see README: a teacher on its own GPUs)") from None
+    return VLLMClient(base_url=url, connection_timeout=30.0)
 
 
 def check_tokenizer(url: str, tokenizer: Any, student: str) -> None:
-    """Refuse a served teacher whose tokenizer gives other ids than the student's."""
-    response = requests.post(f"{url.rstrip('/')}/tokenize", json={"prompt": PROBE, "add_special_tokens": False},
-                             timeout=30)
-    response.raise_for_status()
+    """Refuse a served teacher whose tokenizer gives other ids than the student's (the first call
+    to the server: an unreachable one is named here)."""
+    try:
+        response = requests.post(f"{url.rstrip('/')}/tokenize", json={"prompt": PROBE, "add_special_tokens": False},
+                                 timeout=30)
+        response.raise_for_status()
+    except requests.RequestException as err:
+        raise ConnectionError(f"teacher_server {url} does not answer ({type(err).__name__}); start it with `vllm "
+                              "serve TEACHER --max-logprobs K` (README: a teacher on its own GPUs)") from None
     served = response.json()["tokens"]
     own = tokenizer(PROBE, add_special_tokens=False).input_ids
     if served != own:

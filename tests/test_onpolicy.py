@@ -78,6 +78,8 @@ def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_q
         onpolicy_config(tmp_path, tiny_llama, tiny_qwen, teacher_server="http://127.0.0.1:9")
     with pytest.raises(ConfigError, match="needs lmbda: 1 and temperature: 1.0"):
         onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9", temperature=0.7)
+    with pytest.raises(ConnectionError, match="http://127.0.0.1:9 does not answer"):
+        build_trainer(onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9"))
     with pytest.raises(ValueError, match="sft stage's online KD"):  # shared tokenizer: off-policy is sft's
         build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, traces=str(tmp_path)))
     assert not (tmp_path / "student").exists()
