@@ -16,9 +16,10 @@ cells that have the same ones) and the eval scores every student with the base e
 models (the teacher) beside them. A cell trains with the training stages (sft, onpolicy) its axis
 values set keys of, in that order, each from the last one's student (none set: sft); the first
 starts from the seed's init: `student_init`, then `warm_start` (sft keys run once per seed on it,
-e.g. a student stopped early that every method continues). Runs with the same config run once. Every stage is a normal run, `python -m pipeline STAGE --config
-OUT/configs/...yaml`, in its own process; a finished one is skipped on a rerun (a cell whose
-config changed since is refused, not reused), and a killed one resumes as that stage does.
+e.g. a student stopped early that every method continues). Runs with the same config run once.
+Every stage is a normal run, `python -m pipeline STAGE --config OUT/configs/...yaml`, in its own
+process; a finished one is skipped on a rerun (a cell whose config changed since is refused, not
+reused), and a killed one resumes as that stage does.
 
     OUT/traces/<cell>/  OUT/students/<cell>/  OUT/onpolicy/<cell>/  OUT/warm/  OUT/eval/   the runs
     OUT/configs/        each run's config and, once it finished, its .done (config hash, seconds)
@@ -210,7 +211,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             raise ConfigError(f"{stage} run {name}: two cells give it different configs")
         return run
 
-    same: dict[str, str] = {}  # a stage's config without its output_dir -> the output_dir of the run that has it
+    same: dict[str, str] = {}  # (stage, config without output_dir) -> the output_dir of the run that has it
 
     def output(stage: str, name: str, config: dict[str, Any], output_dir: Path) -> str:
         """Add the run, or find the run with this very config (e.g. one sft feeding two methods)."""
