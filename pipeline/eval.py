@@ -91,6 +91,16 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         if is_main:
             samples += [{"model": name, **r} for r in rows]
             skipped[name] = _skipped_ids(out / "generations" / name / "skipped.jsonl")
+    if cfg.backend == "transformers":
+        # The last collective is done. Under N processes the gloo group goes now: left to the
+        # interpreter's teardown (rank 1 exits while rank 0 scores) it can abort the process
+        # ("terminate called without an active exception"), which fails the launch.
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.num_processes > 1:
+            state.destroy_process_group()
     if not is_main:
         return {}
     # A prompt one model could not take would make the others' scores incomparable to its own.

@@ -50,9 +50,12 @@ def train_and_save(trainer: Any, cfg: Any, card: Callable[[], str], summary: Cal
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     save_student(trainer, cfg, card(), summary())
-    # Trackers finish and the process group is destroyed before exit: a gloo group left to the
-    # interpreter's teardown can abort a process ("terminate called without an active exception").
-    trainer.accelerator.end_training()
+    # Launched as N processes, trackers finish and the process group is destroyed before exit: a
+    # gloo group left to the interpreter's teardown can abort a process ("terminate called without
+    # an active exception"). One process owns no group; one that something else in this process
+    # made (an in-process vLLM engine, the tests') must outlive the run.
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.end_training()
     return out
 
 

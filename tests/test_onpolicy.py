@@ -186,6 +186,29 @@ def test_sft_online_kd_from_a_served_teacher(tmp_path: Path, unpadded: tuple[Pat
     assert f"top-{vocab} ids and one bucket" in (served / "README.md").read_text()
 
 
+def test_one_server_serves_two_runs_at_once(tmp_path: Path, unpadded: tuple[Path, Path],
+                                            teacher_server: str) -> None:
+    """Two sft runs, each its own process, with online KD from the same server at the same time."""
+    from datasets import Dataset
+
+    _, student = unpadded
+    traces = tmp_path / "traces"
+    Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+                        "completion": [{"role": "assistant", "content": f"<think>{i} and 1</think>{i + 1}"}]}
+                       for i in range(8)]).save_to_disk(str(traces))
+    runs = [subprocess.Popen([sys.executable, "-m", "pipeline", "sft", "--config", "configs/sft.yaml", "--model",
+                              str(student), "--dataset", str(traces), "--output_dir", str(tmp_path / f"run-{i}"),
+                              "--kd", "online", "--teacher_server", teacher_server, "--teacher_server_top_k", "8",
+                              "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                              "--seed", str(i)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+    for run in runs:
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, output[-3000:]
+    for i in range(2):
+        assert json.loads((tmp_path / f"run-{i}/train_summary.json").read_text())["steps"] == 2
+
+
 def test_served_teacher_with_another_tokenizer_is_refused(tmp_path: Path, teacher_server: str) -> None:
     from pipeline.teacher_server import check_tokenizer
     from pipeline.tiny import build_tokenizer
