@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 
 def machine() -> str:
@@ -42,3 +45,16 @@ def peak_kb(reset_ok: bool) -> int:
 
     hwm = status_kb("VmHWM") if reset_ok else None
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class StepTimer(TrainerCallback):
+    """Each optimizer step's seconds, from step begin to step end."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)

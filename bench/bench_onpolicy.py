@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import machine, save
+from _common import StepTimer, machine, save
 from pipeline.config import load_config
 from pipeline.onpolicy import OnPolicyConfig, build_trainer, prompt_dataset, train_summary
 from pipeline.tiny import build_model
@@ -32,22 +32,17 @@ QUICK = {"steps": WARMUP + 1, "batch": 4, "length": 16}
 
 def step_times(trainer, after_warmup: dict | None = None) -> list[float]:
     """Each step's seconds; `after_warmup` gets the stage's counters as they stood after warm-up."""
-    from transformers import TrainerCallback
 
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
+    class Timer(StepTimer):
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
+            super().on_step_end(args, state, control, **kwargs)
             if after_warmup is not None and state.global_step == WARMUP:
                 after_warmup.update({k: v for k, v in trainer._counters().items() if k != "prompts"})
 
-    trainer.add_callback(Timer())
+    timer = Timer()
+    trainer.add_callback(timer)
     trainer.train()
-    return times
+    return timer.times
 
 
 def sampling_alone(cfg: OnPolicyConfig, batches: int) -> tuple[int, float]:

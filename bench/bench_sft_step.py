@@ -14,12 +14,9 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from _common import machine, save
+from _common import StepTimer, machine, save
 from pipeline.config import load_config
 from pipeline.prompts import PromptSource
 from pipeline.sft import SFTStageConfig, build_trainer
@@ -29,17 +26,6 @@ from pipeline.tiny import build_model
 WARMUP = 2
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).
 QUICK = {"samples": 32, "steps": WARMUP + 1, "reps": 1, "hidden": 64}
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def arithmetic_traces(path: Path, samples: int) -> Path:

@@ -139,7 +139,7 @@ class StepTimes:
     def _counters(self) -> dict[str, Any]:
         if not hasattr(self, "_counts"):
             self._counts = {"sampling_s": 0.0, "scoring_s": 0.0, "step_s": 0.0, "sampled_tokens": 0,
-                            "completions": 0, "prompts": []}
+                            "completions": 0, "prompts": set()}
         return self._counts
 
     def _generate(self, prompts: list) -> Any:
@@ -149,7 +149,7 @@ class StepTimes:
         counts["sampling_s"] += time.perf_counter() - start
         counts["sampled_tokens"] += sum(len(ids) for ids in out[1])
         counts["completions"] += len(prompts)
-        counts["prompts"] = sorted(set(counts["prompts"]) | {json.dumps(p, sort_keys=True) for p in prompts})
+        counts["prompts"].update(json.dumps(p, sort_keys=True) for p in prompts)
         return out
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -168,13 +168,15 @@ class StepTimes:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save and checkpoint.is_dir():
-            (checkpoint / self.COUNTERS).write_text(json.dumps(self._counters()))
+            counts = self._counters()
+            (checkpoint / self.COUNTERS).write_text(json.dumps({**counts, "prompts": sorted(counts["prompts"])}))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = Path(resume_from_checkpoint) / self.COUNTERS
         if saved.is_file():
-            self._counts = json.loads(saved.read_text())
+            counts = json.loads(saved.read_text())
+            self._counts = {**counts, "prompts": set(counts["prompts"])}
 
 
 class OnPolicyTrainer(StepTimes, DistillationTrainer):
@@ -225,8 +227,8 @@ def train_summary(trainer: Any) -> dict[str, Any]:
         totals = trainer.accelerator.reduce(torch.tensor([counts["sampled_tokens"], counts["completions"]],
                                                          device=trainer.accelerator.device), "sum").tolist()
         counts["sampled_tokens"], counts["completions"] = (int(x) for x in totals)
-        counts["prompts"] = []  # distinct prompts are counted per process only
-    summary = {"samples": counts.get("completions"), "prompts": len(counts.get("prompts", [])) or None,
+        counts["prompts"] = set()  # distinct prompts are counted per process only
+    summary = {"samples": counts.get("completions"), "prompts": len(counts.get("prompts", ())) or None,
                "completion_tokens": counts.get("sampled_tokens"), "tokens_seen": counts.get("sampled_tokens"),
                "steps": trainer.state.global_step,
                "final_loss": last_loss(trainer)}

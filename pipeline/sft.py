@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
 from pipeline import teacher_server
+from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
 from pipeline.records import load_traces, vocab_fingerprint
 from pipeline.student import LoraKeys, last_loss, lora_config, traces_teacher, train_and_save
 from pipeline.tiny import CHATML_TEMPLATE
@@ -229,7 +229,7 @@ class KDTrainer(SFTTrainer):
             else:
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kd.kd == "offline" or server is not None:
-            self.data_collator = OfflineTeacherCollator(self.data_collator, server, kd.teacher_server_top_k)
+            self.data_collator = TeacherRowsCollator(self.data_collator, server, kd.teacher_server_top_k)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
@@ -378,7 +378,7 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-class OfflineTeacherCollator:
+class TeacherRowsCollator:
     """TRL's collator, plus the teacher rows of every trained position in the batch, in the
     row-major order in which the loss visits them (padded, padding-free and packed batches).
     The rows are the examples' own (offline), or asked of a teacher server for these tokens."""
