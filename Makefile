@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo teacher study test generate curate sft onpolicy eval bench clean
+.PHONY: install demo teacher study test generate curate shrink sft onpolicy eval bench clean
 
 install: $(STAMP)
 
@@ -71,6 +71,10 @@ study: $(STAMP)
 
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)
+
+# A student cut from the teacher: its most important layers (or every k-th), then `make sft` with model: output_dir.
+shrink: $(STAMP)
+	$(PY) -m pipeline shrink --config $(or $(CONFIG),configs/shrink.yaml) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest --durations=20 $(ARGS)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from _common import peak_kb, reset_peak, status_kb
-from pipeline.losses import chunked_kd_loss, combine, naive_kd_loss
+from pipeline.distill.logits import chunked_kd_loss, combine, naive_kd_loss
 
 MB = 2**20
 # --quick: the smallest sizes that still take several chunks (checks the script, measures nothing).

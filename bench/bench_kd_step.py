@@ -7,7 +7,7 @@ without loss). Each step is forward, backward, AdamW step, fp32 on CPU:
 - sft: the student's own forward with labels (transformers' loss over full logits: what TRL's
   SFTTrainer runs);
 - teacher forward: the teacher's plain forward alone (no gradients);
-- offline KD: the sft stage's loss (`pipeline.sft.kd_losses`, forward KL at T = 2 + CE) against
+- offline KD: the sft stage's loss (`pipeline.sft.distill_losses`, forward KL at T = 2 + CE) against
   top-20 rows precomputed from the teacher, as the generate stage stores them;
 - online KD: the same loss with the live teacher.
 
@@ -33,8 +33,8 @@ from types import SimpleNamespace
 import torch
 
 from _common import machine, save
-from pipeline.losses import combine
-from pipeline.sft import kd_losses
+from pipeline.distill.logits import combine
+from pipeline.sft import distill_losses
 
 WARMUP = 2
 PROMPT = 32
@@ -89,8 +89,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     def kd_loss(inputs: dict, with_teacher: bool) -> torch.Tensor:
-        out = kd_losses(student, student, teacher if with_teacher else None, teacher if with_teacher else None,
-                        inputs, kd, args.vocab)
+        out = distill_losses(student, student, [teacher] if with_teacher else [], [teacher] if with_teacher else [],
+                             inputs, kd, args.vocab)
         return combine(out["ce_loss"], out["kd_loss"], 0.5)
 
     def teacher_forward() -> float:
@@ -113,7 +113,7 @@ def main() -> None:
     flat = {"input_ids": torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None],
             "labels": torch.cat([varlen["labels"][i, :n] for i, n in enumerate(lengths)])[None],
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], **var_rows}
-    a, b = (kd_losses(student, student, None, None, x, kd, args.vocab) for x in (padded, flat))
+    a, b = (distill_losses(student, student, [], [], x, kd, args.vocab) for x in (padded, flat))
     assert torch.allclose(a["kd_loss"], b["kd_loss"], rtol=1e-4) and torch.allclose(a["ce_loss"], b["ce_loss"], rtol=1e-4)
 
     variants = {

@@ -11,6 +11,7 @@ from pipeline.prompts import PromptSetError
 # stage name -> (module, config class); modules are imported only when their stage runs.
 STAGES = {"generate": ("pipeline.generate", "GenerateConfig"),
           "curate": ("pipeline.curate", "CurateStageConfig"),
+          "shrink": ("pipeline.shrink", "ShrinkConfig"),
           "sft": ("pipeline.sft", "SFTStageConfig"),
           "onpolicy": ("pipeline.onpolicy", "OnPolicyConfig"),
           "eval": ("pipeline.eval", "EvalConfig")}

@@ -8,6 +8,8 @@ pass@k, maj@k (cons@k), share truncated, mean completion tokens. Two backends:
   replicas per model (local processes, or Ray actors with `ray_address`);
 - transformers: HF generate, prompts split across `accelerate launch` processes and gathered.
 
+An entry `name=a+b+c` is an ensemble: its members' mean probabilities, by its own KV-cached loop under either backend.
+
     output_dir/generations/<model>/   each model's samples, reused by a rerun with the same protocol and
                                       the same model files (a model retrained in place is sampled again);
                                       its protocol and model fingerprint in generations/<model>.protocol.json
@@ -31,7 +33,7 @@ from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.curate import ScoringConfig, score_texts, scored_text
 from pipeline.engine import EngineConfig
 from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
-from pipeline.prompts import PromptSource, chat_prompt, load_prompts, render
+from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
 from pipeline.records import save_dataset
 
 
@@ -40,6 +42,7 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
     output_dir: str = "runs/demo/eval"
     split: str = "test"  # held-out prompts
     # "name=path" (a local path or hub id); a bare path is named after its last folder.
+    # "name=a+b+c": an ensemble of those models (they must share one tokenizer).
     models: list[str] = field(default_factory=lambda: ["teacher=prompts/arithmetic/teacher"])
     backend: Literal["vllm", "transformers"] = "vllm"
     num_samples: int = 4  # k samples per prompt
@@ -64,8 +67,15 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
             raise ValueError(f"models have repeated names {names}: write them as name=path")
 
     def model_list(self) -> list[tuple[str, str]]:
-        pairs = [m.split("=", 1) if "=" in m else [Path(m.rstrip("/")).name, m] for m in self.models]
+        pairs = [m.split("=", 1) if "=" in m else ["+".join(Path(p.rstrip("/")).name for p in ensemble_members(m)), m]
+                 for m in self.models]
         return [(name, path) for name, path in pairs]
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The models of an ensemble entry "a+b+c"; [path] for one model (also a local path that
+    exists as written, "+" and all)."""
+    return [path] if "+" not in path or Path(path).exists() else path.split("+")
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
@@ -75,10 +85,14 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
                           "accelerate launch / NUM_PROCESSES (that is for backend transformers)")
     prompt_set = load_prompts(cfg, require_answers=True)
     for name, path in cfg.model_list():
-        if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
-            raise FileNotFoundError(f"model {name}: {path} does not exist: the demo's student-sft is made by "
-                                    "`make sft`, student-init by `make sft` or `make demo` (or name a local model "
-                                    "dir or a hub id owner/name)")
+        members = ensemble_members(path)
+        for member in members:
+            if not Path(member).exists() and (member.startswith((".", "/")) or member.count("/") != 1):
+                raise FileNotFoundError(f"model {name}: {member} does not exist: the demo's student-sft is made by "
+                                        "`make sft`, student-init by `make sft` or `make demo` (or name a local model "
+                                        "dir or a hub id owner/name)")
+        if len(members) > 1:
+            shared_tokenizer(members)  # refused now, not after the other models are sampled
     out = Path(cfg.output_dir)
     is_main = _is_main_process(cfg)
     if is_main:
@@ -131,7 +145,10 @@ def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompt
     """The model's k samples per prompt as records, from disk when this protocol made them from
     these very model files (see model_fingerprint). The protocol goes beside the samples before
     sampling starts, so an interrupted run resumes only into samples of the same model."""
+    members = ensemble_members(path)
     wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": fingerprint}
+    if len(members) > 1:
+        wanted["backend"] = "ensemble"  # sampled by its own loop under either backend
     protocol_file, done = out.with_name(out.name + ".protocol.json"), out / "samples"
     saved = json.loads(protocol_file.read_text()) if protocol_file.is_file() else None
     if saved == {**wanted, "complete": True} and done.is_dir():
@@ -143,10 +160,10 @@ def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompt
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         protocol_file.write_text(json.dumps({**wanted, "complete": False}, indent=2) + "\n")
-    if cfg.backend == "vllm":
+    if cfg.backend == "vllm" and len(members) == 1:
         rows = _sample_vllm(cfg, path, out)
-    else:
-        rows = _sample_transformers(cfg, path, prompts)
+    else:  # neither vLLM nor HF generate can average models: an ensemble has its own loop
+        rows = _sample_ensemble(cfg, members, prompts) if len(members) > 1 else _sample_transformers(cfg, path, prompts)
         if rows is not None:
             import datasets
             save_dataset(datasets.Dataset.from_list(rows), done)
@@ -164,7 +181,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def model_fingerprint(path: str) -> str:
     """What the model at `path` is, for reuse checks: a hub id stands for itself; a local dir is
     config.json's bytes plus the name, size and mtime of each weight and tokenizer file (stat,
-    not content: hashing gigabytes of weights on every eval would cost more than it saves)."""
+    not content: hashing gigabytes of weights on every eval would cost more than it saves); an
+    ensemble a+b is the hash of its members' fingerprints, in order."""
+    members = ensemble_members(path)
+    if len(members) > 1:
+        return "sha256:" + hashlib.sha256(json.dumps([model_fingerprint(m) for m in members]).encode()).hexdigest()
     local = Path(path)
     if not local.exists():
         return path  # a hub id
@@ -212,6 +233,7 @@ def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(cfg.dtype)).to(state.device).eval()
+    stop_ids = _stop_ids(tokenizer, [model])
     rows = []
     with state.split_between_processes(prompts) as mine:
         for prompt in tqdm(mine, desc=f"sample {Path(path).name}", disable=not state.is_main_process):
@@ -223,17 +245,111 @@ def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict
                                         num_return_sequences=cfg.num_samples, pad_token_id=tokenizer.pad_token_id,
                                         **({} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
                                                               "top_k": 0}))
-            for index, sequence in enumerate(output[:, ids["input_ids"].shape[1]:].tolist()):
-                ended = tokenizer.eos_token_id in sequence
-                tokens = sequence[: sequence.index(tokenizer.eos_token_id) + 1] if ended else sequence
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                rows.append({"prompt_id": prompt.id, "prompt": chat_prompt(prompt),
-                             "completion": [{"role": "assistant", "content": text}],
-                             "think_closed": split_think(text, cfg.think_start, cfg.think_end)[2],
-                             "reference_answer": prompt.answer, "temperature": cfg.temperature, "sample_index": index,
-                             "finish_reason": "stop" if ended else "length", "completion_tokens": len(tokens)})
+            rows += _completion_rows(cfg, tokenizer, prompt, output[:, ids["input_ids"].shape[1]:].tolist(), stop_ids)
     rows = gather_object(rows)
     return rows if state.is_main_process else None
+
+
+def _sample_ensemble(cfg: EvalConfig, paths: list[str], prompts: list) -> list[dict[str, Any]] | None:
+    """The members' mean next-token distribution (ensemble_next_token_probs), sampled token by
+    token, each member with its own KV cache. As in _sample_transformers: the k samples of a prompt
+    decode as one batch (num_return_sequences), seeded per prompt, prompts split across processes."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tokenizer = shared_tokenizer(paths)
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=_torch_dtype(cfg.dtype)).to(state.device).eval()
+              for p in paths]
+    stop_ids = _stop_ids(tokenizer, models)
+    stop = torch.tensor(sorted(stop_ids), device=state.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    rows = []
+    with state.split_between_processes(prompts) as mine, torch.no_grad():
+        for prompt in tqdm(mine, desc=f"sample ensemble of {len(paths)}", disable=not state.is_main_process):
+            ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            inputs = ids.to(state.device).repeat(cfg.num_samples, 1)
+            generator = torch.Generator(state.device).manual_seed(sample_seed(cfg.seed, prompt.id, cfg.temperature, 0))
+            caches: list[Any] = [None] * len(models)
+            ended = torch.zeros(cfg.num_samples, dtype=torch.bool, device=state.device)
+            tokens = []
+            for _ in range(cfg.max_tokens):
+                outputs = [model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           for model, cache in zip(models, caches)]
+                caches = [o.past_key_values for o in outputs]
+                probs = ensemble_next_token_probs([o.logits[:, -1] for o in outputs], cfg.temperature, cfg.top_p,
+                                                  len(tokenizer))
+                token = (probs.argmax(-1) if cfg.temperature == 0
+                         else torch.multinomial(probs, 1, generator=generator).squeeze(-1))
+                token = token.masked_fill(ended, pad)  # an ended sequence only pads, as in HF generate
+                tokens.append(token)
+                ended |= torch.isin(token, stop)
+                if ended.all():
+                    break
+                inputs = token[:, None]
+            rows += _completion_rows(cfg, tokenizer, prompt, torch.stack(tokens, 1).tolist(), stop_ids)
+    rows = gather_object(rows)
+    return rows if state.is_main_process else None
+
+
+def ensemble_next_token_probs(logits: list[Any], temperature: float, top_p: float, vocab_size: int) -> Any:
+    """Next-token probabilities of an ensemble: the mean over members of softmax(logits /
+    temperature), each cut to the tokenizer's `vocab_size` (checkpoints pad their vocab
+    differently), then top-p. Temperature 0 (greedy: its argmax) takes the plain softmax."""
+    import torch
+
+    for member in logits:
+        if member.shape[-1] < vocab_size:
+            raise ValueError(f"a member has {member.shape[-1]} logits for a tokenizer of {vocab_size} tokens")
+    probs = torch.stack([torch.softmax(m[..., :vocab_size].float() / (temperature or 1.0), dim=-1)
+                         for m in logits]).mean(0)
+    if top_p < 1:  # the fewest most likely tokens that reach top_p, renormalized
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def shared_tokenizer(paths: list[str]) -> Any:
+    """The one tokenizer of an ensemble's members: averaging next-token probabilities needs one vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths]
+    for path, tokenizer in zip(paths[1:], tokenizers[1:]):
+        if tokenizer.get_vocab() != tokenizers[0].get_vocab():
+            raise ValueError(f"ensemble members {paths[0]} and {path} have different tokenizers ({len(tokenizers[0])} "
+                             f"and {len(tokenizer)} tokens): an ensemble averages next-token probabilities, so its "
+                             "members must share one vocabulary")
+    return tokenizers[0]
+
+
+def _stop_ids(tokenizer: Any, models: list[Any]) -> set[int]:
+    """The tokenizer's EOS and each model's generation_config EOS ids (HF generate and vLLM stop at any)."""
+    ids = {tokenizer.eos_token_id}
+    for model in models:
+        eos = model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return ids - {None}
+
+
+def _completion_rows(cfg: EvalConfig, tokenizer: Any, prompt: Prompt, sequences: list[list[int]],
+                     stop_ids: set[int]) -> list[dict[str, Any]]:
+    """The records of one prompt's k sampled sequences (new token ids, cut after the first stop id)."""
+    rows = []
+    for index, sequence in enumerate(sequences):
+        end = next((i for i, token in enumerate(sequence) if token in stop_ids), None)
+        tokens = sequence if end is None else sequence[: end + 1]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        rows.append({"prompt_id": prompt.id, "prompt": chat_prompt(prompt),
+                     "completion": [{"role": "assistant", "content": text}],
+                     "think_closed": split_think(text, cfg.think_start, cfg.think_end)[2],
+                     "reference_answer": prompt.answer, "temperature": cfg.temperature, "sample_index": index,
+                     "finish_reason": "length" if end is None else "stop", "completion_tokens": len(tokens)})
+    return rows
 
 
 def _skipped_ids(path: Path) -> list[str]:
@@ -331,7 +447,9 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{m[f'maj@{k}']:.3f} | {m['share_truncated']:.1%} | {m['mean_completion_tokens']:.1f} |")
     for name, m in report["models"].items():
         lines += ["", skipped_line(name, m["skipped_too_long"])] if m.get("skipped_too_long") else []
-    lines += ["", "Models: " + ", ".join(f"{n} = `{path}`" for n, path in p["models"].items()), ""]
+    lines += ["", "Models: " + ", ".join(f"{n} = `{path}`" + (" (ensemble: mean of the members' probabilities)"
+                                                              if len(ensemble_members(path)) > 1 else "")
+                                         for n, path in p["models"].items()), ""]
     return "\n".join(lines)
 
 

@@ -1,21 +1,24 @@
-"""The sft stage: TRL's SFTTrainer fine-tunes a student on traces, optionally with logit KD.
+"""The sft stage: TRL's SFTTrainer fine-tunes a student on traces, optionally distilling more.
 
     loss = (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * D(teacher_T || student_T)
+           [+ feature_weight * L_feat + relation_distance_weight * L_D + relation_angle_weight * L_A]
 
-on completion tokens only, D one of forward KL, reverse KL, generalized JSD (pipeline/losses.py).
-The teacher is online (a frozen model, placed and sharded by accelerate as the student is) or
-offline (the top-k logprobs and the rest the generate stage stored with `logprobs: k`, usable
-only by a student with the teacher's very vocabulary). Checked before training: the chat
+on completion tokens only, D one of forward KL, reverse KL, generalized JSD. The family's losses
+and teachers live in pipeline/distill/ (its __init__ says where a new method goes).
+The teacher is online (a frozen model or an ensemble of them, placed and sharded by accelerate
+as the student is), offline (the top-k logprobs and the rest the generate stage stored with
+`logprobs: k`, usable only by a student with the teacher's very vocabulary), a second student
+trained beside this one (`kd: mutual`), or the previous generation (`generations: K`). Checked before training: the chat
 template keeps the think block, every sample ends in the student's EOS and the EOS carries
 loss, no sample is cut silently, offline rows are raw and from the student's vocabulary.
-Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `kd_losses` and tests/test_sft.py.
+Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `distill_losses` and tests/test_sft.py.
 Output layout and resume: pipeline/student.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +26,8 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import teacher_server
-from pipeline.losses import LOG_ZERO, chunked_kd_loss, combine
+from pipeline.distill import features, relations, teachers
+from pipeline.distill.logits import LOG_ZERO, chunked_kd_loss
 from pipeline.records import load_traces, vocab_fingerprint
 from pipeline.student import LoraKeys, last_loss, lora_config, traces_teacher, train_and_save
 from pipeline.tiny import CHATML_TEMPLATE
@@ -43,8 +47,8 @@ class SFTStageConfig(SFTConfig, LoraKeys):
     max_train_samples: int | None = None  # train on N traces: a random subset drawn with `seed` (unset: all)
     chat_template: Literal["student", "chatml"] = "student"  # chatml: a fallback that keeps <think> blocks
     # Logit KD.
-    kd: Literal["none", "online", "offline"] = "none"
-    teacher: str | None = None  # online KD: teacher path or hub id (must share the student's tokenizer)
+    kd: Literal["none", "online", "offline", "mutual"] = "none"
+    teacher: str | list[str] | None = None  # online KD: path or hub id (a list: an ensemble); the student's tokenizer
     teacher_server: str | None = None  # online KD from a vLLM server instead (URL): top-k + rest (teacher_server.py)
     teacher_server_top_k: int = 20  # the server's top-k log-probs per token (start it with --max-logprobs >= this)
     kd_alpha: float = 0.5  # weight of the KD term; 1 - kd_alpha weighs CE
@@ -52,12 +56,34 @@ class SFTStageConfig(SFTConfig, LoraKeys):
     kd_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     kd_beta: float = 0.5  # jsd only: the mixture weight (0: forward KL, 1: reverse KL)
     kd_chunk_size: int = 256  # tokens per chunk of logits: bounds the loss's memory (see BENCHMARKS.md)
+    # The rest of the family (pipeline/distill/); weights are the papers', stated in each file.
+    feature_kd: bool = False  # hidden states, projected (features.py); with kd: online and one local teacher
+    feature_weight: float = 1.0
+    feature_layers: list[str] = field(default_factory=list)  # "student:teacher" state indices; []: evenly
+    relation_kd: bool = False  # distances and angles between a batch's samples (relations.py); as feature_kd
+    relation_distance_weight: float = 25.0
+    relation_angle_weight: float = 50.0
+    mutual_peer: str | None = None  # kd: mutual: the second student's init, trained beside this one
+    generations: int = 1  # born-again: K students in turn, each after the first taught by the one before
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kd == "online" and bool(self.teacher) == bool(self.teacher_server):
             raise ValueError("kd: online needs one teacher: teacher (a model path or hub id, loaded here) or "
                              "teacher_server (the URL of a vLLM server serving it)")
+        local = self.kd == "online" and isinstance(self.teacher, str)
+        if (self.feature_kd or self.relation_kd) and not local:
+            raise ValueError("feature_kd and relation_kd read a local teacher's hidden states: set kd: online and "
+                             "teacher: one model path (kd_alpha: 0 leaves out the logit term)")
+        if self.relation_kd and (self.packing or self.padding_free or self.per_device_train_batch_size < 3):
+            raise ValueError("relation_kd compares a device batch's samples: it needs per_device_train_batch_size "
+                             ">= 3 (angles are over triplets) and no packing or padding_free")
+        if (self.kd == "mutual") != bool(self.mutual_peer):
+            raise ValueError("kd: mutual trains two students, this one and mutual_peer (its init: a model path), "
+                             "each taught by the other (teacher is not used): set both")
+        if self.generations < 1 or (self.generations > 1 and self.kd == "mutual"):
+            raise ValueError(f"generations must be >= 1 (got {self.generations}), and born-again generations are "
+                             "taught by a teacher, not a mutual peer")
         if self.teacher_server and self.packing:
             raise ValueError("teacher_server scores each sample on its own: it cannot be combined with packing")
         if not 0 <= self.kd_alpha <= 1 or not 0 <= self.kd_beta <= 1:
@@ -67,8 +93,16 @@ class SFTStageConfig(SFTConfig, LoraKeys):
 
 
 def main(cfg: SFTStageConfig) -> Path:
-    trainer = build_trainer(cfg)
-    return train_and_save(trainer, cfg, card=lambda: model_card(cfg, trainer), summary=lambda: train_summary(trainer))
+    """One student; with `generations: K`, K in turn (pipeline/distill/teachers.py), the last in output_dir."""
+    for gen in teachers.generation_plan(cfg):
+        if gen.output_dir != cfg.output_dir and (Path(gen.output_dir) / "train_summary.json").is_file():
+            print(f"{gen.output_dir}: trained already")
+            continue
+        trainer = build_trainer(gen)
+        out = train_and_save(trainer, gen, card=lambda: model_card(gen, trainer),
+                             summary=lambda: train_summary(trainer))
+        del trainer
+    return out
 
 
 def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
@@ -101,14 +135,15 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
                                cfg.packing_strategy)
         cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-    teacher, server = None, None
+    models, server = [], None
     if cfg.teacher_server and cfg.kd == "online":
         teacher_server.check_tokenizer(cfg.teacher_server, tokenizer, cfg.model)
         server = teacher_server.client(cfg.teacher_server)
-    elif cfg.kd == "online":
-        teacher = load_teacher(cfg, tokenizer)
+    elif cfg.kd in ("online", "mutual"):
+        paths = [cfg.mutual_peer] if cfg.kd == "mutual" else [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher
+        models = teachers.load(paths, tokenizer, cfg.model, teachers.dtype_for(cfg), trainable=cfg.kd == "mutual")
     trainer_cls = KDTrainer if cfg.kd != "none" else SFTTrainer
-    extra = {"teacher": teacher, "server": server, "kd": cfg} if cfg.kd != "none" else {}
+    extra = {"teachers": models, "server": server, "kd": cfg} if cfg.kd != "none" else {}
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
@@ -190,46 +225,42 @@ def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
                          "(pad_token == eos_token?): set a distinct pad token")
 
 
-def load_teacher(cfg: SFTStageConfig, student_tokenizer: Any) -> Any:
-    """A frozen teacher; refused when its tokenizer differs (its logits would mean other tokens)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
-    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise ValueError(f"teacher {cfg.teacher} and student {cfg.model} have different tokenizers "
-                         f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); logit KD here needs a shared "
-                         "one. Distil across tokenizers with `make onpolicy` (TRL's GOLD trainer, ULD loss): lmbda: 0 "
-                         "trains off-policy on these traces scored by the live teacher, lmbda: 1 on-policy")
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32 if cfg.use_cpu else "auto")
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
 # ---------------------------------------------------------------------------- KD trainer
 
 class KDTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds the teacher's soft distribution (see `kd_losses`). The teacher
-    is placed by accelerate as the student is: moved to the device under DDP, FSDP-wrapped
-    under FSDP, ZeRO-3 initialised under DeepSpeed, always in evaluation mode. A served teacher
-    (`server`) fills the same rows as an offline one, batch by batch."""
+    """SFTTrainer whose loss adds the family's terms (see `distill_losses`). Teachers are placed by
+    accelerate as the student is: moved to the device under DDP, FSDP-wrapped under FSDP, ZeRO-3
+    initialised under DeepSpeed, always in evaluation mode. A served teacher (`server`) fills the
+    same rows as an offline one, batch by batch. What trains beside the student (feature
+    projections, a mutual peer) hangs on it as `distill_modules`: DDP syncs it, the optimizer
+    steps it, checkpoints keep it apart (`distill_modules.pt`) and the final student leaves it out."""
 
-    def __init__(self, *args: Any, teacher: Any = None, server: Any = None, kd: SFTStageConfig,
+    def __init__(self, *args: Any, teachers: list[Any] = (), server: Any = None, kd: SFTStageConfig,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kd = kd
         # Online: both logit matrices cut to the shared tokenizer (their padding may differ).
         # Offline: the stored ids are the teacher's own samples, which may fall in padding rows.
-        self.vocab_size = (len(self.processing_class) if teacher is not None
+        self.vocab_size = (len(self.processing_class) if teachers
                            else self.model.config.get_text_config().vocab_size)
-        self.teacher = teacher
-        if teacher is not None:
-            if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
-                self.teacher = prepare_deepspeed(teacher, self.accelerator)
-            else:
-                self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        trained = {}
+        if kd.kd == "mutual":
+            trained["peer"], teachers = teachers[0], []
+        if kd.feature_kd:
+            student, teacher = self.model.config.get_text_config(), teachers[0].config.get_text_config()
+            pairs = features.layer_map(student.num_hidden_layers, teacher.num_hidden_layers, kd.feature_layers)
+            trained["features"] = features.FeatureProjections(pairs, student.hidden_size, teacher.hidden_size)
+        if trained:
+            self.model.distill_modules = torch.nn.ModuleDict(trained).to(self.args.device)
+        self.teachers = [self._prepare_teacher(t) for t in teachers]
         if kd.kd == "offline" or server is not None:
             self.data_collator = TeacherRowsCollator(self.data_collator, server, kd.teacher_server_top_k)
+
+    def _prepare_teacher(self, teacher: Any) -> Any:
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+            return prepare_deepspeed(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
@@ -238,23 +269,73 @@ class KDTrainer(SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         unwrap = self.accelerator.unwrap_model
-        losses = kd_losses(model, unwrap(model), self.teacher, None if self.teacher is None else unwrap(self.teacher),
-                           inputs, self.kd, self.vocab_size, num_items_in_batch)
-        loss = combine(losses["ce_loss"], losses["kd_loss"], self.kd.kd_alpha)
-        # Each process's loss is its tokens' share of the all-process batch (num_items_in_batch is
+        losses = distill_losses(model, unwrap(model), self.teachers, [unwrap(t) for t in self.teachers], inputs,
+                                self.kd, self.vocab_size, num_items_in_batch)
+        # Each process's token sums are its share of the all-process batch (num_items_in_batch is
         # gathered over processes). DDP averages gradients over processes, so, as transformers'
         # Trainer.compute_loss does, scale by their number, or loss and gradients are 1/N of the truth.
         global_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
         scale = self.accelerator.num_processes if global_count else 1
+        steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
+        for key in BATCH_MEANS & losses.keys():  # a micro-batch's mean: made a share as the token sums are
+            losses[key] = losses[key] / (steps * scale)
+        weights = term_weights(self.kd)
+        loss = sum(weights[key] * losses[key] for key in weights)
         # Logged: what one process with the whole batch would log. Shares add up over processes, and
         # over the accumulation steps the logged mean runs over.
-        shares = torch.stack([losses["ce_loss"], losses["kd_loss"]]).detach()
+        shares = torch.stack([losses[key] for key in weights]).detach()
         shares = self.accelerator.reduce(shares, "sum" if global_count else "mean")
-        steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
         mode = "train" if model.training else "eval"
-        for key, value in zip(("ce_loss", "kd_loss"), (shares * steps).tolist()):
+        for key, value in zip(weights, (shares * steps).tolist()):
             self._metrics[mode][key].append(value)
         return (loss * scale, None) if return_outputs else loss * scale
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The student alone; beside it, in a checkpoint, what trains with it (for resume), and in
+        the final save a mutual peer as a student of its own (output_dir/peer)."""
+        module = self.accelerator.unwrap_model(self.model)
+        trained = module._modules.pop("distill_modules", None)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            if trained is not None:
+                module.distill_modules = trained
+        out = Path(output_dir or self.args.output_dir)
+        if trained is None or not self.args.should_save:
+            return
+        if _internal_call:
+            torch.save(trained.state_dict(), out / DISTILL_MODULES)
+        elif "peer" in trained:
+            peer, tokenizer = trained["peer"], self.processing_class
+            peer.generation_config.eos_token_id, peer.generation_config.pad_token_id = (tokenizer.eos_token_id,
+                                                                                        tokenizer.pad_token_id)
+            peer.save_pretrained(str(out / "peer"))
+            tokenizer.save_pretrained(str(out / "peer"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = Path(resume_from_checkpoint) / DISTILL_MODULES
+        if saved.is_file():
+            module = self.accelerator.unwrap_model(model or self.model)
+            module.distill_modules.load_state_dict(torch.load(saved, map_location="cpu"))
+
+
+DISTILL_MODULES = "distill_modules.pt"
+# Terms that are a micro-batch's mean rather than a sum over its tokens.
+BATCH_MEANS = {"relation_distance_loss", "relation_angle_loss"}
+
+
+def term_weights(cfg: SFTStageConfig) -> dict[str, float]:
+    """Each logged term's weight in the loss (the keys `distill_losses` returns, num_tokens aside)."""
+    weights = {"ce_loss": 1.0 - cfg.kd_alpha, "kd_loss": cfg.kd_alpha}
+    if cfg.kd == "mutual":  # the peer's own objective, the same terms towards this student
+        weights |= {"peer_ce_loss": 1.0 - cfg.kd_alpha, "peer_kd_loss": cfg.kd_alpha}
+    if cfg.feature_kd:
+        weights["feature_loss"] = cfg.feature_weight
+    if cfg.relation_kd:
+        weights |= {"relation_distance_loss": cfg.relation_distance_weight,
+                    "relation_angle_loss": cfg.relation_angle_weight}
+    return weights
 
 
 # What the model's forward takes from a batch: padded (attention_mask), or padding-free and packed
@@ -263,43 +344,78 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", 
                 "max_length_k")
 
 
-def kd_losses(model: Any, module: Any, teacher: Any, teacher_module: Any, inputs: dict[str, Any],
-              kd: SFTStageConfig, vocab_size: int, num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
-    """ce_loss and kd_loss of one batch (pipeline/losses.py), from final hidden states only:
-    no model computes logits, the loss does, one chunk at a time. `model`/`teacher` are what the
-    trainer holds (maybe wrapped: DDP, FSDP, DeepSpeed), `module`/`teacher_module` the models
-    inside. Each forward runs through its wrapper (TRL's forward redirection), so the wrapper
-    gathers sharded weights and sees the loss as its output (FSDP's backward hooks hang on it)."""
+def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules: list[Any], inputs: dict[str, Any],
+                   kd: SFTStageConfig, vocab_size: int, num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
+    """The terms of one batch, named as `term_weights` names them. The logit terms come from final
+    hidden states only (pipeline/distill/logits.py): no model computes logits, the loss does, one
+    chunk at a time. `model`/`teachers` are what the trainer holds (maybe wrapped: DDP, FSDP,
+    DeepSpeed), `module`/`teacher_modules` the models inside. Each forward runs through its wrapper
+    (TRL's forward redirection), so the wrapper gathers sharded weights and sees the loss as its
+    output (FSDP's backward hooks hang on it)."""
     from trl.models.utils import _ForwardRedirection
 
     through_wrapper = _ForwardRedirection()
     forward = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     labels = inputs["labels"][:, 1:]
+    mask = labels != -100  # the states that predict completion tokens
+    every_layer = kd.feature_kd or kd.relation_kd
+    logit_kd = {"temperature": kd.kd_temperature, "kind": kd.kd_divergence, "beta": kd.kd_beta,
+                "chunk_size": kd.kd_chunk_size, "num_items_in_batch": num_items_in_batch, "vocab_size": vocab_size,
+                "alpha": kd.kd_alpha}
     teacher_kwargs: dict[str, Any] = {}
+    teacher_states: tuple[torch.Tensor, ...] = ()
     if "teacher_topk_ids" in inputs:
         teacher_kwargs = {k: inputs[k] for k in TEACHER_ROWS}
-    elif teacher is not None:
+    elif teachers:
+        hiddens, heads = [], []
         with torch.no_grad():
-            hidden = through_wrapper(teacher, teacher_module, last_hidden_state, teacher_module, forward)[:, :-1]
-            # The loss's backward recomputes teacher logits, so a ZeRO-3 weight (released after its
-            # module's forward, and never gathered again for a model without gradients) is copied.
-            weight = through_head(teacher_module, lambda w, h: w.detach().clone() if hasattr(w, "ds_id")
-                                  else w.detach(), hidden)
-        teacher_kwargs = {"teacher_hidden": hidden, "teacher_lm_head_weight": weight}
+            for teacher, teacher_module in zip(teachers, teacher_modules):
+                teacher_states = through_wrapper(teacher, teacher_module, decoder_states, teacher_module, forward,
+                                                 every_layer)
+                hidden = teacher_states[-1][:, :-1]
+                # The loss's backward recomputes teacher logits, so a ZeRO-3 weight (released after its
+                # module's forward, and never gathered again for a model without gradients) is copied.
+                heads.append(through_head(teacher_module, lambda w, h: w.detach().clone() if hasattr(w, "ds_id")
+                                          else w.detach(), hidden))
+                hiddens.append(hidden)
+        ensemble = len(hiddens) > 1  # its members' hidden states side by side (logits.py)
+        teacher_kwargs = {"teacher_hidden": hiddens if ensemble else hiddens[0],
+                          "teacher_lm_head_weight": heads if ensemble else heads[0]}
 
     def student_losses() -> dict[str, torch.Tensor]:
-        hidden = last_hidden_state(module, forward)[:, :-1]
-        return through_head(module, lambda w, h: chunked_kd_loss(
-            h, w, labels, temperature=kd.kd_temperature, kind=kd.kd_divergence, beta=kd.kd_beta,
-            chunk_size=kd.kd_chunk_size, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
-            alpha=kd.kd_alpha, **teacher_kwargs), hidden)
+        states = decoder_states(module, forward, every_layer)
+        hidden = states[-1][:, :-1]
+        if kd.kd == "mutual":  # each of the two learns towards the other's detached distribution
+            peer = module.distill_modules["peer"]
+            peer_hidden = decoder_states(peer, forward)[-1][:, :-1]
+            peer_head = peer.get_output_embeddings().weight
+            losses = through_head(module, lambda w, h: chunked_kd_loss(
+                h, w, labels, teacher_hidden=peer_hidden.detach(), teacher_lm_head_weight=peer_head.detach(),
+                **logit_kd), hidden)
+            towards_student = chunked_kd_loss(peer_hidden, peer_head, labels, teacher_hidden=hidden.detach(),
+                                              teacher_lm_head_weight=module.get_output_embeddings().weight.detach(),
+                                              **logit_kd)
+            return {**losses, "peer_ce_loss": towards_student["ce_loss"], "peer_kd_loss": towards_student["kd_loss"]}
+        losses = through_head(module, lambda w, h: chunked_kd_loss(h, w, labels, **teacher_kwargs, **logit_kd),
+                              hidden)
+        if kd.feature_kd:
+            losses["feature_loss"] = features.feature_loss(
+                [s[:, :-1] for s in states], [t[:, :-1] for t in teacher_states],
+                module.distill_modules["features"], mask, num_items_in_batch)
+        if kd.relation_kd:
+            student, teacher = relations.pooled(hidden, mask), relations.pooled(teacher_states[-1][:, :-1], mask)
+            losses["relation_distance_loss"] = relations.distance_loss(student, teacher)
+            losses["relation_angle_loss"] = relations.angle_loss(student, teacher)
+        return losses
 
     return through_wrapper(model, module, student_losses)
 
 
-def last_hidden_state(module: Any, forward: dict[str, Any]) -> torch.Tensor:
-    """The decoder's output [B, L, H] (after the final norm): no logits, no other layer's states."""
-    return module.get_decoder()(**forward, use_cache=False)[0]
+def decoder_states(module: Any, forward: dict[str, Any], every_layer: bool = False) -> tuple[torch.Tensor, ...]:
+    """The decoder's output [B, L, H] (after the final norm) as a 1-tuple: no logits; or, for
+    feature and relational terms, every hidden state (0 the embeddings, the last the output)."""
+    out = module.get_decoder()(**forward, use_cache=False, output_hidden_states=every_layer)
+    return tuple(out.hidden_states) if every_layer else (out[0],)
 
 
 def through_head(module: Any, fn: Any, hidden: torch.Tensor) -> Any:
@@ -430,19 +546,28 @@ def train_summary(trainer: Any) -> dict[str, Any]:
 
 def model_card(cfg: SFTStageConfig, trainer: Any) -> str:
     kd = "none (sequence-level distillation: SFT on teacher traces)"
+    members = ([cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher or []) if cfg.kd == "online" else []
     if cfg.kd != "none":
         divergence = cfg.kd_divergence + (f" (beta={cfg.kd_beta})" if cfg.kd_divergence == "jsd" else "")
-        support = ("the full shared vocabulary" if cfg.teacher else
+        support = ("the full shared vocabulary" if members or cfg.kd == "mutual" else
                    f"the teacher's top-{cfg.teacher_server_top_k if cfg.teacher_server else 'k'} ids and one bucket "
                    "for the rest of the vocabulary (coarsened at T = 1, then softened: a lower bound on the "
                    "full-vocabulary divergence)")
-        source = (f"the local teacher {cfg.teacher}" if cfg.teacher else f"the teacher server {cfg.teacher_server}"
-                  if cfg.teacher_server else "the teacher's top-k log-probs stored with the traces")
+        source = (f"the mutual peer trained beside it (init {cfg.mutual_peer}, saved in peer/)" if cfg.kd == "mutual"
+                  else f"the ensemble of {', '.join(members)} (mean of their probabilities)" if len(members) > 1
+                  else f"the local teacher {members[0]}" if members
+                  else f"the teacher server {cfg.teacher_server}" if cfg.teacher_server
+                  else "the teacher's top-k log-probs stored with the traces")
         kd = (f"{cfg.kd}: {divergence} at T={cfg.kd_temperature} over {support}, from {source}; "
               f"weight alpha={cfg.kd_alpha} beside CE")
-    teacher = cfg.teacher or cfg.teacher_server or traces_teacher(cfg.dataset)
+    more = [f"weight {w} on {term}" for term, w in term_weights(cfg).items() if term not in ("ce_loss", "kd_loss")
+            and not term.startswith("peer")]
+    teacher = ", ".join(members) or cfg.mutual_peer or cfg.teacher_server or traces_teacher(cfg.dataset)
     return (f"# {Path(cfg.output_dir).name}\n\nA student distilled with r1-distill.\n\n"
             f"- student init: `{cfg.model}`\n- teacher: `{teacher}`\n- traces: `{cfg.dataset}`\n- logit KD: {kd}\n"
-            f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
+            + (f"- feature / relational KD (pipeline/distill/): {'; '.join(more)}\n" if more else "")
+            + (f"- born-again: {cfg.generations} generations, each after the first taught by the one before "
+               "(generation-k/ beside the last)\n" if cfg.generations > 1 else "")
+            + f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
             f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
             f"- config: `stage_config.yaml` beside this card\n")

@@ -13,15 +13,17 @@ A study config (configs/studies/*.yaml) names a base config per stage and the ax
 
 Each cell's stages chain: its sft trains on the traces of its generate overrides (shared between
 cells that have the same ones) and the eval scores every student with the base eval config's
-models (the teacher) beside them. A cell trains with the training stages (sft, onpolicy) its axis
-values set keys of, in that order, each from the last one's student (none set: sft); the first
-starts from the seed's init: `student_init`, then `warm_start` (sft keys run once per seed on it,
-e.g. a student stopped early that every method continues). Runs with the same config run once.
+models (the teacher) beside them. A cell trains with the training stages (shrink, sft, onpolicy)
+its axis values set keys of, in that order, each from the last one's student (none set: sft); the
+first starts from the seed's init: `student_init`, then `warm_start` (sft keys run once per seed on
+it, e.g. a student stopped early that every method continues), unless it is shrink, which cuts a
+student from its teacher. The value "{peer_init}" is replaced by a second init per seed (built like
+`student_init`, seed + 1000): a mutual-learning peer. Runs with the same config run once.
 Every stage is a normal run, `python -m pipeline STAGE --config OUT/configs/...yaml`, in its own
 process; a finished one is skipped on a rerun (a cell whose config changed since is refused, not
 reused), and a killed one resumes as that stage does.
 
-    OUT/traces/<cell>/  OUT/students/<cell>/  OUT/onpolicy/<cell>/  OUT/warm/  OUT/eval/   the runs
+    OUT/traces/<cell>/  OUT/shrunk/<cell>/  OUT/students/<cell>/  OUT/onpolicy/<cell>/  OUT/warm/  OUT/eval/
     OUT/configs/        each run's config and, once it finished, its .done (config hash, seconds)
     OUT/study.md, study.json, study.png                   the table and the plot
 
@@ -35,6 +37,7 @@ import importlib
 import itertools
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -49,8 +52,9 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, parse_cli, parse_yaml
 
-STAGES = ("generate", "sft", "onpolicy", "eval")
-TRAINING = ("sft", "onpolicy")
+STAGES = ("generate", "shrink", "sft", "onpolicy", "eval")
+TRAINING = ("shrink", "sft", "onpolicy")  # shrink makes a student from the teacher; the others train one
+PEER_INIT = "{peer_init}"  # a value that stands for a second random init per seed (a mutual-learning peer)
 
 
 @dataclass
@@ -68,10 +72,11 @@ class StudyConfig:
     baseline: dict = field(default_factory=dict)  # axis: value, the reference of paired differences
     plot: dict = field(default_factory=dict)  # {kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}
     reduced: dict = field(default_factory=dict)  # --reduced: these keys replace (axes, common: update) the above
+    jobs: int = 1  # runs at once (each waits for the runs whose outputs it reads), cores shared among them
 
     def __post_init__(self) -> None:
         if not {"sft", "eval"} <= set(self.stages) <= set(STAGES):
-            raise ValueError(f"stages must name base configs for sft and eval (and optionally generate, onpolicy), "
+            raise ValueError(f"stages must name base configs for sft and eval (and optionally generate, shrink, onpolicy), "
                              f"got {sorted(self.stages)}")
         for stage, path in self.stages.items():
             if not Path(path).is_file():
@@ -98,8 +103,8 @@ class Cell:
     def name(self, stage: str) -> str:
         """The run's name: the labels of the dimensions that reach it. A student depends on its
         traces and earlier training; one eval scores the students of every cell that shares its eval keys."""
-        reach = {"generate": {"generate"}, "sft": {"generate", "sft"}, "onpolicy": {"generate", "sft", "onpolicy"},
-                 "eval": {"eval"}}[stage]
+        reach = {"generate": {"generate"}, "shrink": {"shrink"}, "sft": {"generate", "shrink", "sft"},
+                 "onpolicy": {"generate", "shrink", "sft", "onpolicy"}, "eval": {"eval"}}[stage]
         parts = [f"{axis}-{label}" for axis, label in self.labels.items() if self.stages_set[axis] & reach]
         return _slug("__".join(parts) or "all")
 
@@ -178,12 +183,16 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     if cfg.student_init:
         from pipeline.tiny import build_model
 
-        for seed in cfg.seeds:
+        peers = PEER_INIT in json.dumps([c.overrides for c in grid])
+        for seed in [*cfg.seeds, *([s + PEER_OFFSET for s in cfg.seeds] if peers else [])]:
             if not (student_init(out, seed) / "config.json").is_file():
                 build_model(student_init(out, seed), **cfg.student_init, seed=seed)
     start = time.time()
-    for run in runs:
-        execute(run)
+    if cfg.jobs > 1:
+        execute_parallel(runs, cfg.jobs, out / "logs")
+    else:
+        for run in runs:
+            execute(run)
     print(f"study ran in {time.time() - start:.0f} s")
     return report(cfg, grid, runs, out)
 
@@ -243,6 +252,10 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             if stage not in base:
                 raise ConfigError(f"cell {cell.labels}: its axes set {stage} keys, but stages names no {stage} config")
             config = {**base[stage], **common[stage], **cell.overrides[stage]}
+            config = {k: str(student_init(out, seed + PEER_OFFSET)) if v == PEER_INIT else v for k, v in config.items()}
+            if stage == "shrink":  # a student cut from its teacher: the next stage's init
+                model = output(stage, cell.name(stage), config, out / "shrunk" / cell.name(stage))
+                continue
             config.update({"model": model} if model else {})
             if stage == "sft" and traces:
                 config["dataset"] = str(traces)
@@ -260,6 +273,9 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
 
 def sft_seed_keys(cfg: StudyConfig) -> list[str]:
     return [stage_key(k, "seed_keys")[1] for k in cfg.seed_keys if k.startswith("sft.")]
+
+
+PEER_OFFSET = 1000
 
 
 def student_init(out: Path, seed: int) -> Path:
@@ -286,19 +302,58 @@ def check_config(run: Run) -> None:
         raise ConfigError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
 
 
-def execute(run: Run) -> None:
+def execute(run: Run, log: Path | None = None, threads: int | None = None) -> None:
     """Run one stage in its own process, unless it finished with this very config (a changed one
-    was refused by check_config; an eval with more models runs again and samples only those)."""
+    was refused by check_config; an eval with more models runs again and samples only those);
+    its output to `log` and `threads` CPU threads when runs share the machine."""
     done = run.path.with_suffix(".done")
     digest = hashlib.sha256(json.dumps(run.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if done.is_file() and json.loads(done.read_text())["config"] == digest:
         print(f"==> {run.stage} {run.name}: done, reused")
         return
     command = [sys.executable, "-m", "pipeline", run.stage, "--config", str(run.path)]
-    print(f"\n==> {run.stage} {run.name}: {' '.join(command)}", flush=True)
+    print(f"\n==> {run.stage} {run.name}: {' '.join(command)}" + (f" > {log}" if log else ""), flush=True)
     start = time.time()
-    subprocess.run(command, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as sink:
+            subprocess.run(command, check=True, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    else:
+        subprocess.run(command, check=True, env=env)
     done.write_text(json.dumps({"config": digest, "seconds": round(time.time() - start, 1)}) + "\n")
+
+
+def execute_parallel(runs: list[Run], jobs: int, logs: Path) -> None:
+    """`jobs` runs at a time; a run starts once every run whose output_dir its config names
+    (traces, init, teacher, peer, the student it continues) has finished."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    outputs = {r.config["output_dir"]: r for r in runs}
+    needs = {id(r): {id(outputs[v]) for v in _strings(r.config) if v in outputs and outputs[v] is not r}
+             for r in runs}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    finished: set[int] = set()
+    waiting, running = list(runs), {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while waiting or running:
+            for run in [r for r in waiting if needs[id(r)] <= finished][: jobs - len(running)]:
+                waiting.remove(run)
+                running[pool.submit(execute, run, logs / f"{run.stage}-{run.name}.log", threads)] = run
+            if not running:
+                raise ConfigError("study runs wait on each other in a cycle: " + ", ".join(r.name for r in waiting))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # a failed run stops the study (the others finish first)
+                finished.add(id(running.pop(future)))
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return value.split("=", 1)[-1].split("+") if isinstance(value, str) else []  # eval's "name=a+b" too
 
 
 # ---------------------------------------------------------------------------- reading it back
@@ -338,7 +393,8 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
         seen = [s.get("tokens_seen") for s in chain]
         row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
                "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
-               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": None if None in seen else sum(seen)}
+               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": None if None in seen else sum(seen),
+               "parameters": parameters(list(members[0].outputs.values())[-1])}
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
@@ -378,6 +434,20 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
 
+def parameters(model_dir: str) -> int | None:
+    """The student's parameter count, from its safetensors headers (students may differ in size)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -390,7 +460,8 @@ def markdown(result: dict[str, Any]) -> str:
              "steps; paired difference: the same seeds and prompts against the "
              "baseline, mean ± the seeds' standard deviation, [95% interval over prompts], seeds where the cell is "
              "better.", ""]
-    head = [*axes, "pass@1", "per seed", "traces (prompts)", "trained tokens", "tokens seen", "vs " + ", ".join(
+    head = [*axes, "pass@1", "per seed", "parameters", "traces (prompts)", "trained tokens", "tokens seen",
+            "vs " + ", ".join(
         f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -399,6 +470,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{diff['prompt_ci95'][1]:+.3f}], {diff['seeds_better']}/{diff['seeds']}") if diff else ""
         lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
                                          " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
+                                         f"{row['parameters']:,}" if row.get("parameters") else "",
                                          f"{row['trained_samples']} ({row['trained_prompts']})",
                                          str(row["trained_tokens"]), str(row.get("tokens_seen")), diff_text]) + " |")
     refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())

@@ -16,7 +16,7 @@ from typing import Any
 import requests
 import torch
 
-from pipeline.losses import LOG_ZERO
+from pipeline.distill.logits import LOG_ZERO
 
 # Special tokens, think tags, digits, spaces and non-ASCII: where two tokenizers usually part ways.
 PROBE = "<|im_start|>user\nWhat is 12 + 30? Résumé, naïve 数学<|im_end|>\n<think>a b  c</think>"

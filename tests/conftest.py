@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,15 @@ def tiny_engine(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
                                          output_dir=str(tmp_path_factory.mktemp("engine"))))
     yield engine
     shutdown(engine)
+
+
+@pytest.fixture(scope="session")
+def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Traces made by the real generate stage (vLLM) from the tiny teacher."""
+    out = tmp_path_factory.mktemp("traces") / "traces"
+    subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
+                    "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
+                    "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
+                    "--decontaminate_against", "[]", "--keep_correct_only", "false"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out

@@ -1,4 +1,4 @@
-"""One online-KD step of the sft stage's loss (pipeline.sft.kd_losses) on 1 process, or on N
+"""One online-KD step of the sft stage's loss (pipeline.sft.distill_losses) on 1 process, or on N
 processes with student and teacher sharded. Run by tests/test_sft.py:
 
     torchrun --nproc_per_node 2 tests/sharded_kd.py STUDENT TEACHER OUT WRAP
@@ -27,8 +27,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import pipeline.sft
-from pipeline.losses import combine
-from pipeline.sft import kd_losses
+from pipeline.distill.logits import combine
+from pipeline.sft import distill_losses
 
 BATCH, LENGTH, PROMPT = 4, 24, 6
 KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16, kd_alpha=0.5)
@@ -104,7 +104,7 @@ def main(student_dir: str, teacher_dir: str, out: str, wrap: str = "accelerate")
         return through_head(module, *args)
 
     pipeline.sft.through_head = spy
-    losses = kd_losses(model, student, teacher_model, teacher, inputs, KD, vocab, num_items)
+    losses = distill_losses(model, student, [teacher_model], [teacher], inputs, KD, vocab, num_items)
     # Each process's loss is its share of the whole batch; FSDP and ZeRO average gradients over processes.
     loss = combine(losses["ce_loss"], losses["kd_loss"], 0.5) * world
     shares = torch.stack([losses["ce_loss"], losses["kd_loss"]]).detach()

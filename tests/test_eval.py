@@ -1,10 +1,12 @@
 """The eval stage: estimators by hand, reports, errors, 1 vs 2 processes, vLLM vs transformers,
-reuse only of the same model files, every model scored on the same prompts."""
+reuse only of the same model files, every model scored on the same prompts, ensembles."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.eval import (EvalConfig, common_prompts, main, majority_correct, metrics, model_fingerprint, pass_at_k,
+from pipeline.eval import (EvalConfig, _sample_ensemble, _sample_transformers, common_prompts,
+                           ensemble_next_token_probs, main, majority_correct, metrics, model_fingerprint, pass_at_k,
                            report_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,3 +220,98 @@ def test_vllm_backend_refuses_accelerate_processes(tmp_path: Path, tiny_qwen: Pa
     with pytest.raises(ConfigError, match="--data_parallel_size N"):
         main(cfg)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- ensembles
+
+def test_an_ensemble_averages_probabilities_not_logits() -> None:
+    import torch
+
+    a = torch.tensor([[4.0, 0.0, 0.0, 50.0]])  # the last column is vocab padding: cut before the softmax
+    b = torch.tensor([[-20.0, 3.0, 3.1, -50.0]])  # sure it is not token 0, unsure between 1 and 2
+    probs = ensemble_next_token_probs([a, b], temperature=1.0, top_p=1.0, vocab_size=3)
+    expected = (torch.softmax(a[:, :3], -1) + torch.softmax(b[:, :3], -1)) / 2
+    assert torch.allclose(probs, expected)
+    assert not torch.allclose(probs, torch.softmax((a[:, :3] + b[:, :3]) / 2, -1), atol=0.05)
+    assert probs.argmax().item() == 0 and ((a + b)[:, :3]).argmax().item() == 2  # they even pick differently
+    hot = ensemble_next_token_probs([a, b], temperature=2.0, top_p=1.0, vocab_size=3)
+    assert torch.allclose(hot, (torch.softmax(a[:, :3] / 2, -1) + torch.softmax(b[:, :3] / 2, -1)) / 2)
+    assert torch.equal(ensemble_next_token_probs([a, b], 0, 1.0, 3), probs)  # greedy: argmax of the plain mean
+
+    # top-p on the mean: the fewest most likely tokens that reach top_p, renormalized.
+    mean = torch.tensor([[0.2, 0.5, 0.3]])
+    assert torch.allclose(ensemble_next_token_probs([mean.log()], 1.0, 0.6, 3), torch.tensor([[0.0, 0.625, 0.375]]))
+    assert torch.allclose(ensemble_next_token_probs([mean.log()], 1.0, 0.5, 3), torch.tensor([[0.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="2 logits for a tokenizer of 3 tokens"):
+        ensemble_next_token_probs([a, b[:, :2]], 1.0, 1.0, 3)
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_one_model_is_that_model(tmp_path: Path, tiny_qwen: Path) -> None:
+    """Greedy: the ensemble loop (KV caches, stop at EOS) gives HF generate's very records."""
+    from pipeline.prompts import load_prompts
+
+    cfg = load_config(EvalConfig, None, eval_values(tmp_path, [f"q={tiny_qwen}"], "transformers", "eval",
+                                                   temperature=0, max_tokens=16))
+    prompts = load_prompts(cfg, require_answers=True).prompts
+    reference = _sample_transformers(cfg, str(tiny_qwen), prompts)
+    assert len(reference) == 3 and _sample_ensemble(cfg, [str(tiny_qwen)], prompts) == reference
+    assert _sample_ensemble(cfg, [str(tiny_qwen)] * 2, prompts) == reference  # the mean of one distribution twice
+
+    # Stopping: a copy whose generation_config also ends at a token its greedy completion makes
+    # (HF generate and vLLM stop at each of those ids, not only at the tokenizer's EOS).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.prompts import render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    ids = tokenizer(render(tokenizer, prompts[0]), add_special_tokens=False, return_tensors="pt")
+    greedy = AutoModelForCausalLM.from_pretrained(tiny_qwen).generate(**ids, do_sample=False, max_new_tokens=8)
+    stopping = shutil.copytree(tiny_qwen, tmp_path / "stopping")
+    generation = json.loads((stopping / "generation_config.json").read_text())
+    generation["eos_token_id"] = [tokenizer.eos_token_id, int(greedy[0, ids["input_ids"].shape[1] + 5])]
+    (stopping / "generation_config.json").write_text(json.dumps(generation))
+    reference = _sample_transformers(cfg, str(stopping), prompts)
+    assert reference[0]["finish_reason"] == "stop" and reference[0]["completion_tokens"] <= 6
+    assert _sample_ensemble(cfg, [str(stopping)], prompts) == reference
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_scored_and_its_samples_reused(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Sampled by its own loop under either backend (backend vllm starts no engine here), reused by a rerun."""
+    values = eval_values(tmp_path, [f"ens={tiny_qwen}+{tiny_llama}"], "vllm", "eval", max_prompts=2, max_tokens=8)
+    report = main(load_config(EvalConfig, None, values))
+    assert report["models"]["ens"]["samples"] == 2 * 2 and report["models"]["ens"]["prompts"] == 2
+    assert "| ens |" in (tmp_path / "eval" / "report.md").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").open()]
+    assert sorted((r["prompt_id"], r["sample_index"]) for r in rows) == \
+        sorted((pid, i) for pid in {r["prompt_id"] for r in rows} for i in range(2))
+    texts = {}
+    for r in rows:
+        texts.setdefault(r["prompt_id"], set()).add(r["completion"][0]["content"])
+    assert any(len(t) == 2 for t in texts.values()), "sampled, not greedy: the k samples should differ"
+    members = json.dumps([model_fingerprint(str(tiny_qwen)), model_fingerprint(str(tiny_llama))])
+    assert report["protocol"]["model_fingerprints"]["ens"] == "sha256:" + hashlib.sha256(members.encode()).hexdigest()
+
+    saved = tmp_path / "eval" / "generations" / "ens" / "samples"
+    mtimes = {f: f.stat().st_mtime_ns for f in saved.iterdir()}
+    capsys.readouterr()
+    for backend in ("vllm", "transformers"):  # the same loop either way: no resampling
+        again = main(load_config(EvalConfig, None, {**values, "backend": backend}))
+        assert "ens: reusing" in capsys.readouterr().out and again["models"] == report["models"]
+    assert {f: f.stat().st_mtime_ns for f in saved.iterdir()} == mtimes
+
+
+def test_an_ensemble_of_different_tokenizers_is_refused(tmp_path: Path, tiny_qwen: Path) -> None:
+    from pipeline.tiny import build_model, build_tokenizer
+
+    other = build_model(tmp_path / "other", arch="llama", hidden_size=64, num_layers=1,
+                        tokenizer=build_tokenizer(merges_from=["What is 12 + 34? Think step by step."] * 4))
+    values = {"models": f"ens={tiny_qwen}+{other}", "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ValueError, match=f"ensemble members {re.escape(str(tiny_qwen))} and {re.escape(str(other))} "
+                                         "have different tokenizers"):
+        main(load_config(EvalConfig, None, values))
+    with pytest.raises(FileNotFoundError, match="model ens: /nonexistent/b does not exist"):
+        main(load_config(EvalConfig, None, {**values, "models": f"ens={tiny_qwen}+/nonexistent/b"}))
+    assert not (tmp_path / "out").exists()  # refused before anything is written or sampled

@@ -253,9 +253,10 @@ def test_plain_kd_refuses_another_tokenizer_and_points_to_gold(tmp_path: Path, t
                                                                other_teacher: Path) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.sft import SFTStageConfig, load_teacher
+    from pipeline.distill import teachers
+    from pipeline.sft import SFTStageConfig
 
     cfg = load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "model": str(tiny_llama), "kd": "online",
                                              "teacher": str(other_teacher), "use_cpu": True, "bf16": False})
     with pytest.raises(ValueError, match="make onpolicy"):
-        load_teacher(cfg, AutoTokenizer.from_pretrained(tiny_llama))
+        teachers.load([cfg.teacher], AutoTokenizer.from_pretrained(tiny_llama), cfg.model, None)

@@ -18,18 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Traces made by the real generate stage (vLLM) from the tiny teacher."""
-    out = tmp_path_factory.mktemp("traces") / "traces"
-    subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
-                    "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
-                    "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
-                    "--decontaminate_against", "[]", "--keep_correct_only", "false"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return out
-
-
 def sft_config(tmp_path: Path, student: Path, traces: Path, **overrides) -> SFTStageConfig:
     values = {**yaml.safe_load((ROOT / "configs/sft.yaml").read_text()),
               "output_dir": str(tmp_path / "student"), "model": str(student), "dataset": str(traces),
@@ -261,7 +249,7 @@ def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen:
                                         ("zero3", ["placeholder", "Parameter"])])
 def test_kd_sharded_by_fsdp2_or_zero3_matches_one_process(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, wrap: str,
                                                  heads: list[str]) -> None:
-    """The KD loss (kd_losses, as the trainer calls it) with student and teacher sharded over 2 real
+    """The KD loss (distill_losses, as the trainer calls it) with student and teacher sharded over 2 real
     processes (gloo) by FSDP2's fully_shard or by DeepSpeed ZeRO-3: the same loss, gradients and,
     after one SGD step, full weights (gathered as accelerate saves such models) as 1 process.
     accelerate will not run FSDP or DeepSpeed on CPU, so tests/sharded_kd.py drives torch and
@@ -313,7 +301,7 @@ def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tin
     sequences, and the teacher's rows (offline) or forward (online) stay aligned."""
     import torch
 
-    from pipeline.sft import build_trainer, kd_losses
+    from pipeline.sft import build_trainer, distill_losses
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, kd=kd, teacher=str(tiny_llama) if kd == "online" else None,
                      per_device_train_batch_size=4, **{layout: True},
@@ -323,10 +311,10 @@ def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tin
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     sequences = int((batch["position_ids"][0] == 0).sum())
     assert sequences >= (4 if layout == "padding_free" else 5)  # packing: more samples than the batch size
-    model, teacher = trainer.model, trainer.teacher
+    model, teachers = trainer.model, trainer.teachers
 
     def losses_of(inputs: dict) -> torch.Tensor:
-        out = kd_losses(model, model, teacher, teacher, inputs, cfg, trainer.vocab_size)
+        out = distill_losses(model, model, teachers, teachers, inputs, cfg, trainer.vocab_size)
         return torch.stack([out["ce_loss"], out["kd_loss"]]).detach()
 
     flat, padded = losses_of(batch), losses_of(unpack(batch))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.distill.logits import (
     KINDS,
     LOG_ZERO,
     TAIL_FLOOR,

@@ -27,7 +27,9 @@ every offline teacher have closed-form chunks that touch each [chunk, V] buffer 
 in that dtype with fp32 accumulation, softmax in fp32.
 
 Offline teachers (top-k log-probabilities stored with the traces) use a "rest" bucket; see
-``teacher_topk_buckets`` for the tail convention.
+``teacher_topk_buckets`` for the tail convention. An ensemble teacher (several online teachers)
+is the mean of its members' softened probabilities, p = (1/n) sum_i softmax(z_i / T): averaged
+distributions, not logits (``ensemble_logprobs``), computed chunk by chunk as one teacher is.
 """
 
 from __future__ import annotations
@@ -244,11 +246,23 @@ def _student_logprobs(h: Tensor, w: Tensor, labels: Tensor, temperature: float) 
     return z.sub_(lse_t), ce, temperature * lse_t - lse1
 
 
-def _teacher_logprobs(h: Tensor, w: Tensor, temperature: float) -> Tensor:
+def _teacher_logprobs(h: Tensor, w: Tensor, temperature: float, splits: tuple[int, ...] = ()) -> Tensor:
+    """log softmax(z_T / T); an ensemble (h and w concatenate its members' widths, ``splits``):
+    the log of the mean of its members' softened probabilities."""
+    if len(splits) > 1:
+        members = [_teacher_logprobs(h_i, w_i, temperature) for h_i, w_i in
+                   zip(h.split(list(splits), dim=-1), w.split(list(splits), dim=-1))]
+        return ensemble_logprobs(members)
     z = _logits(h, w)
     if temperature != 1.0:
         z.div_(temperature)
     return z.sub_(_logsumexp(z))
+
+
+def ensemble_logprobs(teacher_logprobs: list[Tensor]) -> Tensor:
+    """An ensemble's distribution: the mean of its members' probabilities (not of their logits),
+    in log space: log (1/n) sum_i p_i."""
+    return torch.logsumexp(torch.stack(teacher_logprobs), dim=0) - math.log(len(teacher_logprobs))
 
 
 @dataclass(frozen=True)
@@ -262,6 +276,8 @@ class _Opts:
     # (w_kd, w_ce): the loss is known to be c * (w_kd * kd_sum + w_ce * ce_sum), so the forward
     # computes its gradient (up to c) and the backward only scales it; None: recompute in backward.
     weights: tuple[float, float] | None = None
+    # An ensemble teacher: its members' hidden widths (t_h and t_w hold them side by side).
+    splits: tuple[int, ...] = ()
 
 
 def _forward_kl_chunk(h: Tensor, w: Tensor, labels: Tensor, t_h: Tensor, t_w: Tensor, opts: _Opts, g_kd: float,
@@ -338,7 +354,7 @@ def _chunk_values(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: Tensor
     """Summed divergence (without T^2) and summed CE over one chunk of kept tokens."""
     t = opts.temperature
     if t_h is not None:
-        t_lp = _teacher_logprobs(t_h, t_w, t)
+        t_lp = _teacher_logprobs(t_h, t_w, t, opts.splits)
         s_lp, ce, _ = _student_logprobs(h, w, labels, t)
         return _divergence_sum_(s_lp, t_lp, opts.kind, opts.beta), ce
     _, kd, ce = _offline_chunk(h, w, labels, opts, topk_ids, topk_lp, rest_lp)
@@ -356,10 +372,10 @@ def _chunk_grad_logits(h: Tensor, w: Tensor, labels: Tensor, opts: _Opts, t_h: T
     """
     if t_h is None:
         return _offline_chunk(h, w, labels, opts, topk_ids, topk_lp, rest_lp, g_kd, g_ce)
-    if opts.kind == "forward_kl" or (opts.kind == "jsd" and opts.beta == 0):
+    if (opts.kind == "forward_kl" or (opts.kind == "jsd" and opts.beta == 0)) and len(opts.splits) < 2:
         return _forward_kl_chunk(h, w, labels, t_h, t_w, opts, g_kd, g_ce)
     t = opts.temperature
-    t_lp = _teacher_logprobs(t_h, t_w, t)
+    t_lp = _teacher_logprobs(t_h, t_w, t, opts.splits)
     s_lp, ce, shift = _student_logprobs(h, w, labels, t)
     kd = divergence(s_lp, t_lp, opts.kind, opts.beta).sum() if opts.weights else None
     g = _divergence_grad_(s_lp, t_lp, opts.kind, opts.beta)
@@ -487,6 +503,8 @@ class _Batch:
     labels: Tensor  # [N]
     keep: Tensor  # [N] bool
     t_h: Tensor | None  # [N, H_T]
+    t_w: Tensor | None  # [vocab, H_T]
+    splits: tuple[int, ...]  # an ensemble's member widths within H_T
     vocab: int
     dtype: torch.dtype
 
@@ -495,8 +513,8 @@ def _prepare(
     student_hidden: Tensor,
     student_lm_head_weight: Tensor,
     labels: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_lm_head_weight: Tensor | None,
+    teacher_hidden: Tensor | list[Tensor] | None,
+    teacher_lm_head_weight: Tensor | list[Tensor] | None,
     teacher_topk_ids: Tensor | None,
     teacher_topk_logprobs: Tensor | None,
     temperature: float,
@@ -527,9 +545,18 @@ def _prepare(
     if student_hidden.shape[:-1] != labels.shape:
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match labels "
                          f"{tuple(labels.shape)}: hidden states must be [*labels.shape, hidden]")
+    members = isinstance(teacher_hidden, (list, tuple))
+    if members and (not isinstance(teacher_lm_head_weight, (list, tuple))
+                    or len(teacher_hidden) != len(teacher_lm_head_weight) or not teacher_hidden):
+        raise ValueError("an ensemble teacher needs one teacher_hidden and one teacher_lm_head_weight per member")
+    hiddens = list(teacher_hidden) if members else [teacher_hidden]
+    heads = list(teacher_lm_head_weight) if members else [teacher_lm_head_weight]
 
     s_rows = student_lm_head_weight.shape[0]
-    t_rows = None if teacher_lm_head_weight is None else teacher_lm_head_weight.shape[0]
+    t_rows = None if not online else min(w.shape[0] for w in heads)
+    if vocab_size is None and online and len({w.shape[0] for w in heads}) > 1:
+        raise ValueError("the ensemble's members emit different numbers of logits: pass vocab_size "
+                         "= the shared tokenizer's length to align them")
     if vocab_size is None:
         if t_rows is not None and t_rows != s_rows:
             raise ValueError(f"student emits {s_rows} logits but teacher {t_rows}: pass vocab_size "
@@ -552,12 +579,15 @@ def _prepare(
         raise ValueError(f"a label id is >= vocab_size {vocab}")
     if n_kept and int(flat_labels[keep].min()) < 0:
         raise ValueError(f"negative label ids other than ignore_index={ignore_index}")
-    t_h = None
+    t_h, t_w, splits = None, None, ()
     if online:
-        if teacher_hidden.shape[:-1] != labels.shape:
-            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match labels "
-                             f"{tuple(labels.shape)}")
-        t_h = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        for hidden in hiddens:
+            if hidden.shape[:-1] != labels.shape:
+                raise ValueError(f"teacher_hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+        # An ensemble side by side: its members' widths, cut to the shared vocabulary first.
+        t_h = torch.cat([h.detach().reshape(-1, h.shape[-1]) for h in hiddens], dim=-1)
+        t_w = torch.cat([w.detach()[:vocab] for w in heads], dim=-1) if members else heads[0].detach()
+        splits = tuple(h.shape[-1] for h in hiddens) if members else ()
     else:
         ids, lp = teacher_topk_ids, teacher_topk_logprobs
         if ids.dim() != 2 or ids.shape != lp.shape or ids.shape[0] != n_kept:
@@ -567,7 +597,7 @@ def _prepare(
             raise ValueError(f"teacher_topk_ids has k={ids.shape[1]} or ids >= vocab_size {vocab}")
     # Full precision for the softmax: fp32, or fp64 when the weights already are.
     dtype = torch.promote_types(student_lm_head_weight.dtype, torch.float32)
-    return _Batch(h, flat_labels, keep, t_h, vocab, dtype)
+    return _Batch(h, flat_labels, keep, t_h, t_w, splits, vocab, dtype)
 
 
 def _normalise(kd_sum: Tensor, ce_sum: Tensor, n_kept: int, num_items_in_batch: int | Tensor | None,
@@ -613,7 +643,9 @@ def chunked_kd_loss(
         labels: [B, L] or [N], already aligned: ``labels[t]`` is the target of position t
             (callers shift); ``ignore_index`` marks positions without loss.
         teacher_hidden, teacher_lm_head_weight: online teacher, [..., H_T] and [V_T, H_T];
-            never differentiated.
+            never differentiated. Lists of them (one per member, widths may differ): an
+            ensemble teacher, whose distribution is the mean of its members' softened
+            probabilities (``ensemble_logprobs``).
         teacher_topk_ids, teacher_topk_logprobs: offline teacher, [kept tokens, k] each, the
             teacher's top-k ids and log-probs at T = 1, rows in the order of the kept
             positions (row-major over labels). Tail handling: ``teacher_topk_buckets``.
@@ -649,11 +681,10 @@ def chunked_kd_loss(
     # (Inside the Function's forward grad mode is off: whether gradients will be wanted is read here.)
     fused = alpha is not None and torch.is_grad_enabled()
     weights = (float(alpha) * temperature**2, 1.0 - float(alpha)) if fused else None
-    opts = _Opts(float(temperature), kind, float(beta), b.vocab, int(chunk_size), b.dtype, weights)
+    opts = _Opts(float(temperature), kind, float(beta), b.vocab, int(chunk_size), b.dtype, weights, b.splits)
     sums = _ChunkedKD.apply(
         b.h.index_select(0, idx), student_lm_head_weight, b.labels.index_select(0, idx),
-        None if b.t_h is None else b.t_h.index_select(0, idx),
-        None if teacher_lm_head_weight is None else teacher_lm_head_weight.detach(),
+        None if b.t_h is None else b.t_h.index_select(0, idx), b.t_w,
         teacher_topk_ids, None if teacher_topk_logprobs is None else teacher_topk_logprobs.detach(),
         None if teacher_rest_logprob is None else teacher_rest_logprob.detach(), opts,
     )
@@ -691,7 +722,9 @@ def naive_kd_loss(
     w = student_lm_head_weight[: b.vocab].to(b.dtype)
     if b.t_h is not None:
         with torch.no_grad():
-            t_lp = soften(F.linear(b.t_h.to(b.dtype), teacher_lm_head_weight[: b.vocab].to(b.dtype)), t)
+            splits = list(b.splits or [b.t_h.shape[-1]])
+            t_lp = ensemble_logprobs([soften(F.linear(h.to(b.dtype), w[: b.vocab].to(b.dtype)), t) for h, w in
+                                      zip(b.t_h.split(splits, dim=-1), b.t_w.split(splits, dim=-1))])
         z = F.linear(b.h.to(b.dtype), w)
         s_lp = soften(z, t)
         ce_lp = s_lp if t == 1.0 else F.log_softmax(z, dim=-1)

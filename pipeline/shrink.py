@@ -1,0 +1,356 @@
+"""The shrink stage: a student built from the teacher by keeping some of its decoder layers.
+
+    python -m pipeline shrink --config configs/shrink.yaml [--teacher DIR --num_layers N ...]
+
+The teacher is a local Qwen2 or Llama causal-LM checkpoint with L decoder layers; the student
+keeps `num_layers` of them (depth pruning), chosen by `method`:
+
+- every_kth (DistilBERT-style initialisation): evenly spaced layers, always the first and the
+  last: layer round(i (L - 1) / (n - 1)) for i = 0..n-1 (halves round up), e.g. 8 of 24 keeps
+  0 3 7 10 13 16 20 23. One layer keeps layer 0. Needs no data.
+- importance (ShortGPT's Block Influence, the depth half of Minitron): on calibration prompts
+  (the prompt set's rows, `calibration_prompts` of them drawn with `seed`, each rendered with
+  the teacher's chat template as the generate and eval stages render it), one forward pass
+  measures for every layer l
+
+      BI_l = 1 - mean over (prompt, token) of cos(h_in_l, h_out_l)
+
+  where h_in_l and h_out_l are the residual stream entering and leaving layer l (padding
+  excluded). A layer whose output points where its input did changes little; the `num_layers`
+  layers with the highest BI are kept, in their original order. h_in and h_out are taken with
+  forward hooks on the decoder layers, not from `output_hidden_states`: transformers replaces
+  the last of those with the final-norm output, which would skew the last layer's score.
+
+Width (hidden, heads, MLP) is not pruned: pruning width needs its own importance scores per
+channel and head plus a re-shaped config, and is not done here.
+
+What is saved in output_dir, written to a temporary dir and renamed into place when complete:
+
+- a transformers checkpoint of the teacher's class (Qwen2ForCausalLM / LlamaForCausalLM) with
+  num_hidden_layers = num_layers, the kept layers renumbered 0..n-1, the embeddings, final norm
+  and lm_head copied, and per-layer config lists (layer_types, ...) cut to the kept layers
+  (Qwen2's max_window_layers becomes the number of kept layers below it, which keeps
+  sliding-window placement what it was);
+- the teacher's tokenizer files and generation_config.json, copied byte for byte;
+- shrink.json: the teacher, the kept and dropped teacher layers, the importance scores (when
+  measured), the calibration data used, and teacher and student parameter counts;
+- stage_config.yaml: the resolved config. A rerun with the same config (and an unchanged
+  teacher) finds the output complete and does nothing; another config is refused unless
+  `--overwrite` is given on the command line.
+
+The student is then distilled like any other: `make sft ARGS="--model <output_dir>"` (or a
+config with `model:` set to this output_dir), e.g. with `--kd online --teacher <the teacher>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.prompts import PromptSource, load_prompts, render
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+CONFIG_FILE = "stage_config.yaml"
+REPORT_FILE = "shrink.json"
+# Copied from the teacher byte for byte: the student must tokenize and stop exactly as it does.
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                "generation_config.json")
+# Config fields holding one value per decoder layer (only layer_types in Qwen2 and Llama today).
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "mlp_only_layers")
+# Keys that do not change the student: a rerun may differ in them and still reuse the output.
+REUSABLE_KEYS = {"overwrite", "calibration_batch_size"}
+# Keys only the importance method reads.
+CALIBRATION_KEYS = {*(f.name for f in dataclasses.fields(PromptSource)), "calibration_prompts",
+                    "calibration_max_tokens", "seed"}
+
+
+@dataclass
+class ShrinkConfig(PromptSource):
+    """PromptSource keys (prompt_set, split, columns, template, max_prompts) say where the
+    calibration prompts of the importance method come from."""
+
+    teacher: str = "prompts/sums/teacher"  # local checkpoint dir of a Qwen2 or Llama causal LM
+    output_dir: str = "runs/demo/student-shrunk"
+    num_layers: int = 2  # decoder layers the student keeps (fewer than the teacher's)
+    method: Literal["every_kth", "importance"] = "importance"
+    prompt_set: str = "prompts/sums"
+    calibration_prompts: int = 64  # drawn at random (seed) from the set (its first max_prompts, if set)
+    calibration_max_tokens: int = 1024  # longer rendered prompts are cut to this many tokens
+    calibration_batch_size: int = 8
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher load and student save dtype
+    seed: int = 0
+    # Replace an output_dir made with another config. Command line only, like generate's.
+    overwrite: bool = field(default=False, metadata={"cli_only": True})
+
+    def __post_init__(self) -> None:
+        PromptSource.__post_init__(self)
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1 (decoder layers the student keeps), got "
+                             f"{self.num_layers}")
+        for key in ("calibration_prompts", "calibration_max_tokens", "calibration_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not self.teacher:
+            raise ValueError("teacher must be a local checkpoint dir (config.json and weights)")
+        if not self.output_dir:
+            raise ValueError("output_dir must be set: where the student checkpoint is written")
+
+
+def main(cfg: ShrinkConfig) -> Path:
+    return shrink(cfg)
+
+
+# ---------------------------------------------------------------------------- layer choice
+
+def every_kth_layers(total: int, keep: int) -> list[int]:
+    """`keep` evenly spaced layers of `total`, first and last included (halves round up)."""
+    check_num_layers(keep, total)
+    if keep == 1:
+        return [0]
+    return [(2 * i * (total - 1) + keep - 1) // (2 * (keep - 1)) for i in range(keep)]
+
+
+def most_important_layers(scores: list[float], keep: int) -> list[int]:
+    """The `keep` layers with the highest scores, in their original order (ties: the earlier layer)."""
+    check_num_layers(keep, len(scores))
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:keep])
+
+
+def check_num_layers(keep: int, total: int) -> None:
+    if not 1 <= keep < total:
+        raise ConfigError(f"num_layers {keep}: the teacher has {total} decoder layers; set num_layers "
+                          f"between 1 and {total - 1}")
+
+
+def block_influence(model: Any, tokenizer: Any, texts: list[str], max_tokens: int,
+                    batch_size: int) -> tuple[list[float], int]:
+    """BI per decoder layer (1 - mean token cosine of its input and output) over `texts`, and
+    the number of tokens measured. Forward hooks on each layer accumulate cosine sums, so no
+    layer's hidden states are kept beyond the pass that makes them."""
+    import torch
+
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    mask_now: dict[str, Any] = {}
+    handles = []
+
+    def hook(index: int):
+        def record(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            sums[index] += (cos * mask_now["mask"]).sum().double().cpu()
+        return record
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook(index), with_kwargs=True))
+    tokens = 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                                  truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+                mask_now["mask"] = batch["attention_mask"].float()
+                tokens += int(batch["attention_mask"].sum())
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float(1 - s / tokens) for s in sums], tokens
+
+
+def decoder_layers(model: Any) -> Any:
+    return model.model.layers
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def shrink(cfg: ShrinkConfig) -> Path:
+    """Build the student in output_dir (or find it already built); return output_dir."""
+    teacher = Path(cfg.teacher)
+    teacher_config = read_teacher_config(teacher)
+    total = teacher_config["num_hidden_layers"]
+    check_num_layers(cfg.num_layers, total)
+    out = Path(cfg.output_dir)
+    if out.resolve() == teacher.resolve():
+        raise ConfigError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
+                          "never replaced)")
+    fingerprint = teacher_fingerprint(teacher)
+    if reusable(cfg, out, fingerprint):
+        print(f"shrink: {out} was made by this config from this teacher; nothing to do")
+        return out
+    prompts = calibration_prompts(cfg) if cfg.method == "importance" else None  # bad prompt sets fail early
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+    teacher_params = model.num_parameters()
+    report: dict[str, Any] = {"teacher": str(teacher), "teacher_fingerprint": fingerprint,
+                              "architecture": type(model).__name__, "method": cfg.method,
+                              "teacher_layers": total}
+    if prompts is not None:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # causal: real tokens never see the padding after them
+        templated = tokenizer.chat_template is not None
+        texts = [render(tokenizer, p) if templated else p.text for p in prompts]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device).eval()
+        scores, tokens = block_influence(model, tokenizer, texts, cfg.calibration_max_tokens,
+                                         cfg.calibration_batch_size)
+        model.to("cpu")
+        keep = most_important_layers(scores, cfg.num_layers)
+        report["importance"] = {"metric": "block influence: 1 - mean token cos(layer input, layer output)",
+                                "scores": scores}
+        report["calibration"] = {"prompt_set": cfg.prompt_set, "split": cfg.split, "prompts": len(prompts),
+                                 "tokens": tokens, "format": "chat_template" if templated else "plain text",
+                                 "prompt_ids": [p.id for p in prompts]}
+    else:
+        keep = every_kth_layers(total, cfg.num_layers)
+
+    per_layer = cut_layers(model, keep)
+    check_state_dict(model)
+    report.update(kept_layers=keep, dropped_layers=[i for i in range(total) if i not in keep],
+                  student_layers=len(keep), per_layer_config_fields=per_layer,
+                  parameters={"teacher": teacher_params, "student": model.num_parameters(),
+                              "student_share": round(model.num_parameters() / teacher_params, 4)})
+    write_output(cfg, out, model, teacher, report)
+    print(f"shrink: kept teacher layers {keep} of {total}; {model.num_parameters():,} of "
+          f"{teacher_params:,} parameters; student in {out}")
+    return out
+
+
+def read_teacher_config(teacher: Path) -> dict[str, Any]:
+    """The teacher's config.json, checked to be a local Qwen2/Llama checkpoint (without torch)."""
+    if not teacher.is_dir():
+        raise ConfigError(f"teacher {str(teacher)!r} is not a directory; set teacher to a local checkpoint dir "
+                          "(config.json + weights), e.g. one saved by the sft stage")
+    path = teacher / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"teacher {str(teacher)!r} has no config.json; set teacher to a transformers "
+                          "checkpoint dir (save_pretrained output)")
+    config = json.loads(path.read_text())
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"teacher {str(teacher)!r} is a {model_type!r} model "
+                          f"({', '.join(config.get('architectures') or ['no architectures'])}); shrink "
+                          f"supports {', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
+    if config.get("per_layer_config"):
+        raise ConfigError(f"teacher {str(teacher)!r} has a heterogeneous config (per_layer_config); shrink cuts only "
+                          "models whose layers share one config")
+    if not isinstance(config.get("num_hidden_layers"), int):
+        raise ConfigError(f"teacher {str(teacher)!r}: config.json has no num_hidden_layers")
+    return config
+
+
+def calibration_prompts(cfg: ShrinkConfig) -> list[Any]:
+    prompts = load_prompts(cfg).prompts
+    if len(prompts) > cfg.calibration_prompts:
+        chosen = set(random.Random(cfg.seed).sample(range(len(prompts)), cfg.calibration_prompts))
+        prompts = [p for i, p in enumerate(prompts) if i in chosen]
+    return prompts
+
+
+def cut_layers(model: Any, keep: list[int]) -> dict[str, Any]:
+    """Keep only the decoder layers `keep` (renumbered 0..n-1) and make the config say so;
+    return the per-layer config fields that were cut, with their new values."""
+    import torch
+
+    config = model.config
+    total = config.num_hidden_layers
+    layers = decoder_layers(model)
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):  # the KV cache is indexed by layer_idx
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    changed: dict[str, Any] = {}
+    for key in PER_LAYER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            changed[key] = [value[i] for i in keep]
+            setattr(config, key, changed[key])
+    if isinstance(getattr(config, "max_window_layers", None), int):  # Qwen2: sliding window from this layer on
+        config.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+        changed["max_window_layers"] = config.max_window_layers
+    config.num_hidden_layers = len(keep)
+    return changed
+
+
+def check_state_dict(model: Any) -> None:
+    """The cut model's weights are exactly those of its class built from its config (strict)."""
+    import torch
+
+    with torch.device("meta"):
+        reference = type(model)(model.config)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != got:
+        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        raise RuntimeError(f"the cut model does not match {type(model).__name__} with {model.config.num_hidden_layers} "
+                           f"layers: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+
+
+def write_output(cfg: ShrinkConfig, out: Path, model: Any, teacher: Path, report: dict[str, Any]) -> None:
+    """Write everything to a temporary dir, then rename it into place (replacing an old one)."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    model.save_pretrained(tmp)
+    for name in COPIED_FILES:
+        if (teacher / name).is_file():
+            shutil.copy2(teacher / name, tmp / name)
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    save_config(cfg, tmp / CONFIG_FILE)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def teacher_fingerprint(teacher: Path) -> str:
+    from pipeline.eval import model_fingerprint  # config.json bytes + weight/tokenizer file stats
+    return model_fingerprint(str(teacher))
+
+
+def reusable(cfg: ShrinkConfig, out: Path, fingerprint: str) -> bool:
+    """True when out is complete and made by this config from this teacher; raise when out holds
+    something else (unless --overwrite, which lets it be replaced once the new student is written)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    if cfg.overwrite:
+        return False
+    if not (out / CONFIG_FILE).is_file() or not (out / REPORT_FILE).is_file():
+        raise ConfigError(f"output_dir {str(out)!r} is not empty and was not made by the shrink stage; pick another "
+                          "output_dir or pass --overwrite on the command line to replace it")
+    import yaml
+
+    ignored = REUSABLE_KEYS | (CALIBRATION_KEYS if cfg.method == "every_kth" else set())  # unused there
+    saved = {k: v for k, v in (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}).items() if k not in ignored}
+    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignored}
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    made_from = json.loads((out / REPORT_FILE).read_text()).get("teacher_fingerprint")
+    if made_from != fingerprint:
+        changed.append("the teacher's files (changed in place)")
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" if k in saved or k in wanted else k
+                         for k in changed)
+        raise ConfigError(f"output_dir {str(out)!r} holds a student made with a different config ({diff}); pick "
+                          "another output_dir or pass --overwrite on the command line to replace it")
+    return True
