@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo teacher study test generate curate shrink sft onpolicy eval bench clean
+.PHONY: install demo teacher study methods test generate curate shrink sft onpolicy eval bench clean
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ teacher: $(STAMP)
 STUDY ?= configs/studies/temperature.yaml
 study: $(STAMP)
 	$(PY) -m pipeline.study --config $(STUDY) $(ARGS)
+
+# The methods study: one student per distillation method (pipeline/distill/), 2 seeds, table and plot.
+methods: $(STAMP)
+	$(PY) -m pipeline.study --config configs/studies/methods.yaml $(ARGS)
 
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)

@@ -34,7 +34,7 @@ from pipeline.curate import ScoringConfig, score_texts, scored_text
 from pipeline.engine import EngineConfig
 from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.records import save_dataset
+from pipeline.records import checkpoint_fingerprint, save_dataset
 
 
 @dataclass
@@ -172,33 +172,13 @@ def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompt
     return rows or []
 
 
-# Files whose change makes a different model (or different sampling) under the same path.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
-
-
 def model_fingerprint(path: str) -> str:
-    """What the model at `path` is, for reuse checks: a hub id stands for itself; a local dir is
-    config.json's bytes plus the name, size and mtime of each weight and tokenizer file (stat,
-    not content: hashing gigabytes of weights on every eval would cost more than it saves); an
-    ensemble a+b is the hash of its members' fingerprints, in order."""
+    """What the model at `path` is, for reuse checks (records.checkpoint_fingerprint); an ensemble
+    a+b is the hash of its members' fingerprints, in order."""
     members = ensemble_members(path)
     if len(members) > 1:
         return "sha256:" + hashlib.sha256(json.dumps([model_fingerprint(m) for m in members]).encode()).hexdigest()
-    local = Path(path)
-    if not local.exists():
-        return path  # a hub id
-    files = [local] if local.is_file() else sorted(
-        f for f in local.iterdir() if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _TOKENIZER_FILES
-                                                     or f.name.endswith(".safetensors.index.json")))
-    digest = hashlib.sha256()
-    if (local / "config.json").is_file():
-        digest.update((local / "config.json").read_bytes())
-    for f in files:
-        stat = f.stat()
-        digest.update(f"\0{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return "sha256:" + digest.hexdigest()
+    return checkpoint_fingerprint(path)
 
 
 def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:

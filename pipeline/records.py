@@ -203,3 +203,30 @@ def load_traces(source: str, split: str = "train", needed: Sequence[str] = ("pro
 def _saved_empty(path: Path) -> bool:
     state = path / "state.json"
     return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+
+
+# Files whose change makes a different model (or different sampling) under the same path.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """What the checkpoint at `path` is, for reuse checks: a hub id stands for itself; a local dir is
+    config.json's bytes plus the name, size and mtime of each weight and tokenizer file (stat,
+    not content: hashing gigabytes of weights on every run would cost more than it saves)."""
+    import hashlib
+
+    local = Path(path)
+    if not local.exists():
+        return path  # a hub id
+    files = [local] if local.is_file() else sorted(
+        f for f in local.iterdir() if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _TOKENIZER_FILES
+                                                     or f.name.endswith(".safetensors.index.json")))
+    digest = hashlib.sha256()
+    if (local / "config.json").is_file():
+        digest.update((local / "config.json").read_bytes())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"\0{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()

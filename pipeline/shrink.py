@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.prompts import PromptSource, load_prompts, render
+from pipeline.records import checkpoint_fingerprint
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 CONFIG_FILE = "stage_config.yaml"
@@ -184,7 +185,7 @@ def shrink(cfg: ShrinkConfig) -> Path:
     if out.resolve() == teacher.resolve():
         raise ConfigError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
                           "never replaced)")
-    fingerprint = teacher_fingerprint(teacher)
+    fingerprint = checkpoint_fingerprint(str(teacher))  # config.json bytes + weight/tokenizer file stats
     if reusable(cfg, out, fingerprint):
         print(f"shrink: {out} was made by this config from this teacher; nothing to do")
         return out
@@ -322,11 +323,6 @@ def write_output(cfg: ShrinkConfig, out: Path, model: Any, teacher: Path, report
     tmp.rename(out)
     if old.exists():
         shutil.rmtree(old)
-
-
-def teacher_fingerprint(teacher: Path) -> str:
-    from pipeline.eval import model_fingerprint  # config.json bytes + weight/tokenizer file stats
-    return model_fingerprint(str(teacher))
 
 
 def reusable(cfg: ShrinkConfig, out: Path, fingerprint: str) -> bool:

@@ -89,6 +89,18 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
 
     make(clone, "eval", "ARGS=--max_prompts 4 --num_samples 1")
     assert set(report(demo / "eval/report.json")) == {"teacher", "untrained", "student-sft"}
+
+    # The rest of the family (README, "The distillation family"), each run short.
+    short = "--max_steps 2 --save_strategy no --per_device_train_batch_size 4"
+    make(clone, "sft", "ARGS=--kd online --teacher prompts/arithmetic/teacher --feature_kd true --relation_kd true "
+         f"--output_dir runs/demo/student-family {short}")
+    assert "weight 1.0 on feature_loss" in (demo / "student-family/README.md").read_text()
+    make(clone, "sft", f"ARGS=--generations 2 --output_dir runs/demo/student-born-again {short}")
+    make(clone, "eval", "ARGS=--models gens=runs/demo/student-born-again/generation-1+runs/demo/student-born-again "
+         "--output_dir runs/demo/eval-gens --max_prompts 2 --num_samples 1")
+    assert set(report(demo / "eval-gens/report.json")) == {"gens"}
+    make(clone, "shrink")
+    assert json.loads((demo / "student-shrunk/shrink.json").read_text())["parameters"]["student"] > 0
     assert (demo / "eval/report.md").is_file() and (demo / "eval/accuracy.png").is_file()
 
     # The chain goes on: the SFT student samples, the teacher scores its tokens, then both are scored.
@@ -132,12 +144,13 @@ def test_make_bench_quick(clone: Path) -> None:
         assert (clone / "runs/bench" / f"{script.stem.removeprefix('bench_')}.json").is_file(), script.name
 
 
-@pytest.mark.parametrize("name", ["temperature", "data", "samples", "continuation"])
+@pytest.mark.parametrize("name", ["temperature", "data", "samples", "continuation", "methods"])
 def test_make_study_reduced(clone: Path, name: str) -> None:
     from pipeline.study import cells, load_study
 
     study = load_study(str(clone / f"configs/studies/{name}.yaml"), {"reduced": "true"})
-    make(clone, "study", f"STUDY=configs/studies/{name}.yaml", "ARGS=--reduced")
+    make(clone, *(["methods"] if name == "methods" else ["study", f"STUDY=configs/studies/{name}.yaml"]),
+         "ARGS=--reduced")
     out = clone / study.output_dir
     table = json.loads((out / "study.json").read_text())
     assert len(table["rows"]) == len(cells(study)) // len(study.seeds)
@@ -153,6 +166,14 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
             all(r[a] == base[a] for a in table["axes"]) for r in table["rows"])
         assert ("vs_baseline" in row) == paired, row
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
+    if name == "methods":  # 2 runs at a time; each method's extra students; the shrunk student's own size
+        students = out / "students"
+        assert (students / "method-Mutual__seed-0/peer/model.safetensors").is_file()
+        assert (students / "method-BornAgain_2gen__seed-0/generation-1/model.safetensors").is_file()
+        sizes = {row["method"]: row["parameters"] for row in table["rows"]}
+        shrunk = json.loads((out / "shrunk/method-Shrunk+KD/shrink.json").read_text())["parameters"]["student"]
+        assert sizes["Shrunk+KD"] == shrunk > sizes["Mutual"] == sizes["BornAgain_2gen"] > 0, sizes
+        assert len(list((out / "logs").glob("sft-*.log"))) == 5
     if name == "continuation":  # every arm starts from the seed's warm start, scored beside the teacher
         assert set(table["references"]) == {"teacher", "warm__all__seed-0"}, table["references"]
         for stage in ("sft", "onpolicy"):

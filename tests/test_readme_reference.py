@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {**STAGES, "teacher": ("pipeline.teacher", "TeacherConfig"), "study": ("pipeline.study", "StudyConfig")}
 SECTIONS = {"generate": ["generate"], "curate": ["generate"], "sft": ["sft"], "eval": ["eval", "generate"],
             "onpolicy": ["onpolicy", "sft", "generate"],
-            "teacher": ["teacher", "sft", "generate"], "study": ["study"]}
+            "teacher": ["teacher", "sft", "generate"], "study": ["study"], "shrink": ["shrink", "generate"]}
 WORDS = None  # what a default written in words stands for
 _PART = re.compile(r"(?:`[^`]*`|\[[^\]]*\]|\([^)]*\)|[^,`\[(])+")
 

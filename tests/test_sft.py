@@ -213,18 +213,22 @@ def test_accelerate_configs_are_valid() -> None:
 LAYOUTS = {"one": (1, 8, 1), "two": (2, 4, 1), "accumulated": (1, 1, 8)}
 
 
-@pytest.mark.parametrize("kd", ["none", "online", "offline"])
+@pytest.mark.parametrize("kd", ["none", "online", "offline", "feature", "mutual"])
 def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
                                                       traces: Path, kd: str) -> None:
     """1 process with batch 8, 2 real processes (DDP over gloo) with batch 4, and 1 process with
-    batch 1 x 8 accumulation steps log the same loss, grad_norm, ce_loss and kd_loss at each of
-    3 steps, and end with the same weights."""
+    batch 1 x 8 accumulation steps log the same loss, grad_norm, ce_loss and kd_loss (and the
+    feature term, or the mutual peer's terms) at each of 3 steps, and end with the same weights
+    (the feature projections and the peer too)."""
+    import torch
     from safetensors.torch import load_file
 
     common = ["--config", "configs/sft.yaml", "--model", str(tiny_qwen), "--dataset", str(traces),
-              "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--seed", "0", "--kd", kd,
+              "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--seed", "0",
               "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
-              *(["--teacher", str(tiny_llama)] if kd == "online" else [])]
+              *{"feature": ["--kd", "online", "--feature_kd", "true"], "mutual": ["--kd", "mutual", "--mutual_peer",
+                                                                                   str(tiny_llama)]}.get(kd, ["--kd", kd]),
+              *(["--teacher", str(tiny_llama)] if kd in ("online", "feature") else [])]
     for name, (processes, batch, accumulation) in LAYOUTS.items():
         launch = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
                    str(processes)] if processes > 1 else [sys.executable])
@@ -233,15 +237,19 @@ def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen:
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         assert f"process {processes - 1} of {processes}" in run.stdout
-    keys = ("loss", "grad_norm", *(("ce_loss", "kd_loss") if kd != "none" else ()))
-    reference = load_file(tmp_path / "one" / "model.safetensors")
+    keys = ("loss", "grad_norm", *(("ce_loss", "kd_loss") if kd != "none" else ()),
+            *{"feature": ("feature_loss",), "mutual": ("peer_ce_loss", "peer_kd_loss")}.get(kd, ()))
     for name in ("two", "accumulated"):
         for key in keys:
             assert losses(tmp_path / name, key) == pytest.approx(losses(tmp_path / "one", key), rel=1e-3), (name, key)
-        weights = load_file(tmp_path / name / "model.safetensors")
-        for param, value in reference.items():
-            change = (weights[param] - value).norm() / value.norm()
-            assert change < 1e-4, (name, param, float(change))
+        for weights in ("model.safetensors", *{"mutual": ("peer/model.safetensors",)}.get(kd, ())):
+            reference, other = (load_file(tmp_path / run / weights) for run in ("one", name))
+            for param, value in reference.items():
+                change = (other[param] - value).norm() / value.norm()
+                assert change < 1e-4, (name, param, float(change))
+        if kd == "feature":
+            reference, other = (torch.load(tmp_path / run / "checkpoint-3/distill_modules.pt") for run in ("one", name))
+            assert all(torch.allclose(other[k], v, rtol=1e-3, atol=1e-6) for k, v in reference.items()), name
 
 
 @pytest.mark.parametrize("wrap,heads", [("accelerate", ["Parameter", "Parameter"]),
