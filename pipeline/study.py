@@ -329,15 +329,13 @@ def execute_parallel(runs: list[Run], jobs: int, logs: Path) -> None:
     (traces, init, teacher, peer, the student it continues) has finished."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    outputs = {r.config["output_dir"]: r for r in runs}
-    needs = {id(r): {id(outputs[v]) for v in _strings(r.config) if v in outputs and outputs[v] is not r}
-             for r in runs}
+    needs = waits_on(runs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    finished: set[int] = set()
+    finished: set[tuple[str, str]] = set()
     waiting, running = list(runs), {}
     with ThreadPoolExecutor(jobs) as pool:
         while waiting or running:
-            for run in [r for r in waiting if needs[id(r)] <= finished][: jobs - len(running)]:
+            for run in [r for r in waiting if needs[(r.stage, r.name)] <= finished][: jobs - len(running)]:
                 waiting.remove(run)
                 running[pool.submit(execute, run, logs / f"{run.stage}-{run.name}.log", threads)] = run
             if not running:
@@ -345,7 +343,15 @@ def execute_parallel(runs: list[Run], jobs: int, logs: Path) -> None:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 future.result()  # a failed run stops the study (the others finish first)
-                finished.add(id(running.pop(future)))
+                run = running.pop(future)
+                finished.add((run.stage, run.name))
+
+
+def waits_on(runs: list[Run]) -> dict[tuple[str, str], set[tuple[str, str]]]:
+    """(stage, name) -> the runs whose output_dir its config names."""
+    outputs = {r.config["output_dir"]: (r.stage, r.name) for r in runs}
+    return {(r.stage, r.name): {outputs[v] for v in _strings(r.config) if v in outputs} - {(r.stage, r.name)}
+            for r in runs}
 
 
 def _strings(value: Any) -> list[str]:
@@ -353,7 +359,10 @@ def _strings(value: Any) -> list[str]:
         return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
-    return value.split("=", 1)[-1].split("+") if isinstance(value, str) else []  # eval's "name=a+b" too
+    if not isinstance(value, str):
+        return []
+    path = value.split("=", 1)[-1]  # eval's "name=path", and its ensembles "name=a+b"
+    return [value, path, *path.split("+")]
 
 
 # ---------------------------------------------------------------------------- reading it back

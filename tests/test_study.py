@@ -112,3 +112,46 @@ def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_
     sft.config["max_train_samples"] = 10
     with pytest.raises(ConfigError, match="was started with another config"):
         check_config(sft)  # it would resume the old run's checkpoints under the new config
+
+
+def test_the_methods_study_chains_shrink_and_peers_and_runs_wait_for_what_they_read(tmp_path: Path) -> None:
+    from pipeline.study import waits_on
+
+    cfg = load_study(str(ROOT / "configs/studies/methods.yaml"), {"output_dir": str(tmp_path)})
+    runs = plan(cfg, cells(cfg), tmp_path)
+    sft = {r.name: r.config for r in runs if r.stage == "sft"}
+    shrunk = str(tmp_path / "shrunk/method-Shrunk+KD")
+    assert sft["method-Shrunk+KD__seed-1"]["model"] == shrunk  # cut from the teacher, not the seed's init
+    assert sft["method-Mutual__seed-1"]["mutual_peer"] == str(tmp_path / "inits/seed-1001")
+    needs = waits_on(runs)
+    assert needs[("sft", "method-Shrunk+KD__seed-0")] == {("generate", "all"), ("shrink", "method-Shrunk+KD")}
+    assert needs[("sft", "method-SFT__seed-0")] == {("generate", "all")}
+    # the eval reads every student, names with "+" included ("name=path", and "a+b" ensembles)
+    assert needs[("eval", "all")] == {("sft", name) for name in sft}
+
+
+def test_parallel_runs_start_when_what_they_read_is_done(tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time
+
+    import pipeline.study as study_module
+
+    runs = [Run("generate", "g", {"output_dir": "t"}, tmp_path / "g"),
+            Run("sft", "a", {"output_dir": "a", "dataset": "t"}, tmp_path / "a"),
+            Run("sft", "b", {"output_dir": "b", "dataset": "t"}, tmp_path / "b"),
+            Run("eval", "e", {"output_dir": "e", "models": ["x=a", "y=b+a"]}, tmp_path / "e")]
+    events, lock = [], threading.Lock()
+
+    def fake(run: Run, log: Path, threads: int) -> None:
+        with lock:
+            events.append(("start", run.name))
+        time.sleep(0.2)
+        with lock:
+            events.append(("end", run.name))
+
+    monkeypatch.setattr(study_module, "execute", fake)
+    study_module.execute_parallel(runs, 2, tmp_path / "logs")
+    order = events
+    assert order[:2] == [("start", "g"), ("end", "g")]  # the traces first
+    assert {order[2], order[3]} == {("start", "a"), ("start", "b")}  # then both students at once
+    assert order[-2:] == [("start", "e"), ("end", "e")]  # the eval after both
