@@ -358,7 +358,7 @@ def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules
     forward = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     labels = inputs["labels"][:, 1:]
     mask = labels != -100  # the states that predict completion tokens
-    every_layer = kd.feature_kd or kd.relation_kd
+    every_layer = kd.feature_kd  # relations need only the last state (pooled per sample)
     logit_kd = {"temperature": kd.kd_temperature, "kind": kd.kd_divergence, "beta": kd.kd_beta,
                 "chunk_size": kd.kd_chunk_size, "num_items_in_batch": num_items_in_batch, "vocab_size": vocab_size,
                 "alpha": kd.kd_alpha}
@@ -413,7 +413,7 @@ def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules
 
 def decoder_states(module: Any, forward: dict[str, Any], every_layer: bool = False) -> tuple[torch.Tensor, ...]:
     """The decoder's output [B, L, H] (after the final norm) as a 1-tuple: no logits; or, for
-    feature and relational terms, every hidden state (0 the embeddings, the last the output)."""
+    feature KD, every hidden state (0 the embeddings, the last the output)."""
     out = module.get_decoder()(**forward, use_cache=False, output_hidden_states=every_layer)
     return tuple(out.hidden_states) if every_layer else (out[0],)
 
