@@ -530,9 +530,14 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
                 ax.errorbar(at, means, yerr=spread, marker="o", capsize=3, label=line)
             else:
                 ax.bar(at, means, yerr=spread, capsize=4, color="tab:blue")
+                for x, r, top in zip(at, points, (m + s for m, s in zip(means, spread))):
+                    if "vs_baseline" in r:  # the paired difference against the baseline, on its bar
+                        ax.text(x, top + 0.01, f"{r['vs_baseline']['mean']:+.3f}", ha="center", fontsize=7)
         for m, (name, value) in enumerate(result["references"].items()):
             ax.axhline(value, linestyle="--", color=f"C{m + 3}", label=f"{name} {value:.3f}")
-        ax.set_xticks(range(len(xs)), xs)
+        crowded = sum(len(x) for x in xs) > 60
+        ax.set_xticks(range(len(xs)), xs, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                      fontsize=8 if crowded else None)
         ax.set_ylabel("student pass@1 (mean ± seed std)")
         ax.legend(fontsize=8)
     ax.set_xlabel(spec.get("x", ""))
