@@ -17,7 +17,6 @@ Output layout and resume: pipeline/student.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
