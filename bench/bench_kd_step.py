@@ -78,7 +78,8 @@ def main() -> None:
         rest = torch.log(-torch.expm1(torch.logsumexp(top.values, -1)))
     offline = {**batch, "teacher_topk_ids": top.indices, "teacher_topk_logprobs": top.values.half().float(),
                "teacher_rest_logprob": rest}
-    kd = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=256, kd_alpha=0.5)
+    kd = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=256, kd_alpha=0.5,
+                         kd="online", feature_kd=False, relation_kd=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def step(loss_fn) -> float:

@@ -140,7 +140,7 @@ TEACHER = "prompts/sums/teacher"
 STUDENT_INIT = {"arch": "llama", "hidden_size": 64, "num_layers": 3, "intermediate_size": 256, "num_heads": 2}
 PEER_SEED = 1000  # pipeline/study.py PEER_OFFSET: a mutual peer's init seed is the seed's + 1000
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).
-QUICK = {"steps": 1, "batch": 4}
+QUICK = {"steps": 1, "batch": 4, "methods": "feature_kd,mutual"}  # the two that train modules beside the student
 
 
 def methods(student: Path, peer: Path, teacher_b: Path, student_copy: Path) -> dict[str, dict[str, Any]]:

@@ -31,7 +31,8 @@ from pipeline.distill.logits import combine
 from pipeline.sft import distill_losses
 
 BATCH, LENGTH, PROMPT = 4, 24, 6
-KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16, kd_alpha=0.5)
+KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16, kd_alpha=0.5,
+                     kd="online", feature_kd=False, relation_kd=False)
 
 
 def shard(model: torch.nn.Module, wrap: str) -> None:
