@@ -21,7 +21,21 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: install demo teacher study methods test generate curate shrink sft onpolicy eval bench clean
+.PHONY: help install demo teacher study methods test generate curate shrink sft onpolicy eval bench clean
+
+# `make help`: the targets; `python -m pipeline --help` lists the commands, `... STAGE --help` their keys.
+help:
+	@echo "make install                     venv with vLLM (CPU or CUDA wheel), TRL and the test extra"
+	@echo "make demo [ARGS=--quick]         generate -> two students -> eval with the shipped teacher"
+	@echo "make generate|curate|shrink|sft|onpolicy|eval [CONFIG=file.yaml] [ARGS=\"--key value ...\"]"
+	@echo "                                 one stage, on configs/STAGE.yaml by default"
+	@echo "make teacher                     train the demo teacher, then score it"
+	@echo "make study STUDY=file [ARGS=--reduced]   a grid of runs, read back as a table and plot"
+	@echo "make methods [ARGS=--reduced]    the methods study (configs/studies/methods.yaml)"
+	@echo "make test                        the whole test suite (what CI runs)"
+	@echo "make bench [ARGS=--quick]        the benchmarks in bench/"
+	@echo "make clean                       delete runs/"
+	@echo "NUM_PROCESSES=N or ACCELERATE_CONFIG=file: sft, onpolicy and eval under accelerate launch"
 
 install: $(STAMP)
 
@@ -56,22 +70,22 @@ eval: $(STAMP)
 
 # generate -> sft (two students) -> eval with the shipped teacher: 12 minutes on 2 cores.
 demo: $(STAMP)
-	$(PY) -m pipeline.demo $(ARGS)
+	$(PY) -m pipeline demo $(ARGS)
 
 # Train the demo teacher (1,570 steps), then score it with configs/eval.yaml's protocol
 # (runs/teacher/eval). `cp runs/teacher/model/* prompts/arithmetic/teacher/` replaces the shipped one.
 teacher: $(STAMP)
-	$(PY) -m pipeline.teacher --config $(or $(CONFIG),configs/teacher.yaml) $(ARGS)
+	$(PY) -m pipeline teacher --config $(or $(CONFIG),configs/teacher.yaml) $(ARGS)
 
 # A grid of generate -> sft -> eval runs, read back as one table and plot (configs/studies/).
 # ARGS=--reduced runs the study's small version (the test's); finished runs are reused on a rerun.
 STUDY ?= configs/studies/temperature.yaml
 study: $(STAMP)
-	$(PY) -m pipeline.study --config $(STUDY) $(ARGS)
+	$(PY) -m pipeline study --config $(STUDY) $(ARGS)
 
 # The methods study: one student per distillation method (pipeline/distill/), 2 seeds, table and plot.
 methods: $(STAMP)
-	$(PY) -m pipeline.study --config configs/studies/methods.yaml $(ARGS)
+	$(PY) -m pipeline study --config configs/studies/methods.yaml $(ARGS)
 
 curate: $(STAMP)
 	$(PY) -m pipeline curate --config $(or $(CONFIG),configs/curate.yaml) $(ARGS)

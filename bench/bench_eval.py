@@ -42,13 +42,14 @@ def main() -> None:
     model = str(build_model(work / "model", hidden_size=256, num_layers=4))
     cfg = EvalConfig(models=[f"m={model}"], prompt_set="prompts/arithmetic", split="test", max_prompts=args.prompts,
                      num_samples=args.k, max_tokens=args.max_tokens, dtype="float32", max_model_len=1024,
-                     enforce_eager=True)
+                     enforce_eager=True, output_dir="runs/demo/eval")
     prompts = load_prompts(cfg).prompts
 
     start = time.perf_counter()
     gen = GenerateConfig(model=model, prompt_set=cfg.prompt_set, split="test", max_prompts=args.prompts,
                          temperatures=[cfg.temperature], num_samples=args.k, top_p=cfg.top_p, max_tokens=args.max_tokens,
-                         dtype="float32", max_model_len=1024, enforce_eager=True, curate=False, export=[])
+                         dtype="float32", max_model_len=1024, enforce_eager=True, curate=False, export=[],
+                         output_dir="runs/demo/traces")
     llm = build_engine(gen)
     vllm_start_s = time.perf_counter() - start
 

@@ -78,7 +78,7 @@ def main() -> None:
     model = args.model or str(build_model(work / "teacher"))
     cfg = GenerateConfig(model=model, prompt_set="prompts/arithmetic", split="train", max_prompts=args.prompts,
                          temperatures=[0.6, 1.0], num_samples=4, max_tokens=args.max_tokens, shard_size=64,
-                         dtype="float32", max_model_len=1024, enforce_eager=True,
+                         dtype="float32", max_model_len=1024, enforce_eager=True, output_dir="runs/demo/traces",
                          curate=False)  # sampling only: scoring has no plain-vLLM counterpart
     llm = build_engine(cfg)
     plain_vllm(llm, cfg, seeded=True)  # warm-up of each, so none pays first-call costs

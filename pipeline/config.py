@@ -7,12 +7,14 @@ the error names the key, where it came from, and what is accepted.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
 import re
 import types
 import typing
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -40,8 +42,19 @@ def parse_yaml(text: str) -> Any:
 CLI = "the command line"
 
 
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message says which and what to do."""
+class UserError(ValueError):
+    """Bad input from the user (a key, value, file, column, a refused rerun, a mismatched tokenizer):
+    every entry point prints its message as one line and exits with status 2. Anything else that
+    escapes is a bug and keeps its traceback."""
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", cli_only: bool = False) -> Any:
+    """A config key with its default and one line of help (`--help` and the config reference read
+    it). Lists and dicts are copied per instance. `cli_only`: taken from the command line only."""
+    metadata = {"help": help, **({"cli_only": True} if cli_only else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -55,7 +68,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--") or len(token) == 2:
-            raise ConfigError(f"expected --key value, got {token!r}")
+            raise UserError(f"expected --key value, got {token!r}")
         key, _, value = token[2:].partition("=")
         key = key.replace("-", "_")
         if not _:  # `--key value`, or a bare `--flag` meaning true
@@ -65,24 +78,28 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
         if key == "config":
             config_path = value
         elif key in overrides:
-            raise ConfigError(f"--{key} is given twice on the command line")
+            raise UserError(f"--{key} is given twice on the command line")
         else:
             overrides[key] = value
         i += 1
     return config_path, overrides
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build `cls` from a YAML file and overrides (command-line strings or typed values)."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                layer: tuple[str, dict[str, Any]] | None = None) -> T:
+    """Build `cls` from a YAML file, then `layer` (source name, values: e.g. a study's reduced
+    version), then overrides (command-line strings or typed values): the command line wins."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise UserError(f"config file {path} does not exist")
         loaded = parse_yaml(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+            raise UserError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(_checked(cls, loaded, source=str(path)))
+    if layer is not None:
+        values.update(_checked(cls, layer[1], source=layer[0]))
     for key, raw in (overrides or {}).items():
         value = parse_yaml(raw) if isinstance(raw, str) else raw
         if isinstance(raw, str) and not isinstance(value, (bool, int, float, list, dict, type(None))):
@@ -91,7 +108,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{cls.__name__}: {err}") from err
+        raise UserError(f"{cls.__name__}: {err}") from err
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old key -> new key, from each class's RENAMED (CHANGELOG.md lists them)."""
+    out: dict[str, str] = {}
+    for c in reversed(cls.__mro__):
+        out.update(c.__dict__.get("RENAMED", {}))
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -122,17 +147,20 @@ def _checked(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out = {}
     for key, value in values.items():
+        if key not in fields and key in renamed_keys(cls):
+            raise UserError(f"{key!r} in {source} was renamed to {renamed_keys(cls)[key]!r}: write "
+                            f"{renamed_keys(cls)[key]} instead (CHANGELOG.md lists every rename)")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else " See the config reference in README.md."
-            raise ConfigError(f"unknown config key {key!r} in {source}.{hint}")
+            hint = f" Did you mean {close[0]!r}?" if close else " `python -m pipeline COMMAND --help` lists every key."
+            raise UserError(f"unknown config key {key!r} in {source}.{hint}")
         if fields[key].metadata.get("cli_only") and source != CLI:
-            raise ConfigError(f"{key!r} in {source}: this key is taken only from the command line (--{key}), "
+            raise UserError(f"{key!r} in {source}: this key is taken only from the command line (--{key}), "
                               "so that rerunning a config file never deletes finished work")
         try:
             out[key] = _coerce(value, hints[key])
         except ValueError as err:
-            raise ConfigError(f"bad value for {key!r} in {source}: {value!r}; {err}") from None
+            raise UserError(f"bad value for {key!r} in {source}: {value!r}; {err}") from None
     return out
 
 

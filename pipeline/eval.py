@@ -10,48 +10,62 @@ pass@k, maj@k (cons@k), share truncated, mean completion tokens. Two backends:
 
 An entry `name=a+b+c` is an ensemble: its members' mean probabilities, by its own KV-cached loop under either backend.
 
-    output_dir/generations/<model>/   each model's samples, reused by a rerun with the same protocol and
-                                      the same model files (a model retrained in place is sampled again);
-                                      its protocol and model fingerprint in generations/<model>.protocol.json
+    output_dir/config.yaml, run.json  the resolved config and the record (pipeline/rundir.py); `models`
+                                      may change between runs, the protocol may not
+    output_dir/generations/<model>/   each model's samples, a run of its own (run.json): reused by a rerun
+                                      with the same protocol and the same model files (a model retrained
+                                      in place is refused until --overwrite)
     output_dir/samples.jsonl          every sample with its score, all models (recompute any metric)
     output_dir/report.json, report.md, accuracy.png
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import UserError, config_to_dict, setting
 from pipeline.curate import ScoringConfig, score_texts, scored_text
 from pipeline.engine import EngineConfig
 from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.records import checkpoint_fingerprint, save_dataset
+from pipeline.records import save_dataset
+from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
+
+log = logging.getLogger(__name__)
+# Keys that change how fast samples come, never what they are (as generate's), and the models:
+# adding one samples only it, the others' samples are reused (each model's dir has its own record).
+FREE_KEYS = {"overwrite", "models", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "in_process",
+             "data_parallel_size", "ray_address", "enable_prefix_caching", "enable_chunked_prefill",
+             "distributed_executor_backend", "score_workers"}
 
 
 @dataclass
-class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
-    output_dir: str = "runs/demo/eval"
-    split: str = "test"  # held-out prompts
-    # "name=path" (a local path or hub id); a bare path is named after its last folder.
-    # "name=a+b+c": an ensemble of those models (they must share one tokenizer).
-    models: list[str] = field(default_factory=lambda: ["teacher=prompts/arithmetic/teacher"])
-    backend: Literal["vllm", "transformers"] = "vllm"
-    num_samples: int = 4  # k samples per prompt
-    temperature: float = 0.6  # DeepSeek-R1's protocol; 0 is greedy (then k is 1)
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    seed: int = 0
-    think_start: str = "<think>"
-    think_end: str = "</think>"
+class EvalConfig(ScoringConfig, EngineConfig, PromptSource, RunKeys):
+    output_dir: str | None = setting(None, help="where the report, each model's samples and the resolved config "
+                                                "are written")
+    split: str = setting("test", help="split of the prompt set: held-out prompts")
+    # An ensemble's models ("name=a+b+c") must share one tokenizer.
+    models: list[str] = setting([], help='"name=path" (a local path or hub id; a bare path is named after its last '
+                                         'folder); "name=a+b+c": an ensemble')
+    backend: Literal["vllm", "transformers"] = setting("vllm", help="vllm, or transformers (multi-process through "
+                                                                    "accelerate)")
+    num_samples: int = setting(4, help="k samples per prompt (pass@1 is their mean)")
+    temperature: float = setting(0.6, help="sampling temperature (0.6: DeepSeek-R1's protocol); 0 is greedy "
+                                           "(then k is 1)")
+    top_p: float = setting(0.95, help="nucleus sampling: the share of probability mass sampled from")
+    max_tokens: int = setting(1024, help="completion budget per sample, in tokens")
+    seed: int = setting(0, help="base of the per-sample seeds")
+    think_start: str = setting("<think>", help="the tag that opens the reasoning in a completion")
+    think_end: str = setting("</think>", help="the tag that closes the reasoning; the answer is scored after it")
 
     def __post_init__(self) -> None:
         ScoringConfig.__post_init__(self)
@@ -65,6 +79,15 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource):
         names = [name for name, _ in self.model_list()]
         if len(set(names)) != len(names):
             raise ValueError(f"models have repeated names {names}: write them as name=path")
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the report and samples go (configs/eval.yaml sets "
+                             "the demo's)")
+        if not self.models:
+            raise ValueError("models is empty: the models to score, name=path entries (configs/eval.yaml sets "
+                             "the demo's)")
+        if not self.prompt_set:
+            raise ValueError("prompt_set is not set: the prompts to score on, a set folder, file, saved dataset dir "
+                             "or hub id (configs/eval.yaml sets the demo's)")
 
     def model_list(self) -> list[tuple[str, str]]:
         pairs = [m.split("=", 1) if "=" in m else ["+".join(Path(p.rstrip("/")).name for p in ensemble_members(m)), m]
@@ -80,7 +103,7 @@ def ensemble_members(path: str) -> list[str]:
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("backend vllm splits the prompts over its own engine replicas: run it as one process "
+        raise UserError("backend vllm splits the prompts over its own engine replicas: run it as one process "
                           "with --data_parallel_size N (and --ray_address for several machines), not under "
                           "accelerate launch / NUM_PROCESSES (that is for backend transformers)")
     prompt_set = load_prompts(cfg, require_answers=True)
@@ -88,15 +111,14 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         members = ensemble_members(path)
         for member in members:
             if not Path(member).exists() and (member.startswith((".", "/")) or member.count("/") != 1):
-                raise FileNotFoundError(f"model {name}: {member} does not exist: the demo's student-sft is made by "
-                                        "`make sft`, student-init by `make sft` or `make demo` (or name a local model "
-                                        "dir or a hub id owner/name)")
+                raise UserError(f"model {name}: {member} does not exist: the demo's student-sft is made by `make sft`, "
+                                "student-init by `make sft` or `make demo` (or name a local model dir or a hub id "
+                                "owner/name)")
         if len(members) > 1:
             shared_tokenizer(members)  # refused now, not after the other models are sampled
     out = Path(cfg.output_dir)
-    is_main = _is_main_process(cfg)
-    if is_main:
-        save_config(cfg, out / "config.yaml")
+    run = open_run(cfg, "eval", {"prompt_set": prompt_set_fingerprint(cfg.prompt_set)}, FREE_KEYS)
+    is_main = run.is_main
 
     samples, skipped = [], {}
     fingerprints = {name: model_fingerprint(path) for name, path in cfg.model_list()}
@@ -133,59 +155,50 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
     plot(report, out / "accuracy.png")
-    print(report_markdown(report))
-    print(f"report: {out / 'report.md'}, plot: {out / 'accuracy.png'}, samples: {out / 'samples.jsonl'}")
+    run.finish(config=cfg, inputs=inputs(cfg))
+    log.info(report_markdown(report))
+    log.info(f"report: {out / 'report.md'}, plot: {out / 'accuracy.png'}, samples: {out / 'samples.jsonl'}")
     return report
+
+
+def inputs(cfg: EvalConfig) -> dict[str, Any]:
+    """Fingerprints of what the report was made from (pipeline/rundir.py). A rerun compares only the
+    prompt set: models may come and go, each model's own dir compares its model's files."""
+    return {"prompt_set": prompt_set_fingerprint(cfg.prompt_set),
+            "models": {name: model_fingerprint(path) for name, path in cfg.model_list()}}
 
 
 # ---------------------------------------------------------------------------- sampling
 
 def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompts: list,
                  out: Path) -> list[dict[str, Any]]:
-    """The model's k samples per prompt as records, from disk when this protocol made them from
-    these very model files (see model_fingerprint). The protocol goes beside the samples before
-    sampling starts, so an interrupted run resumes only into samples of the same model."""
+    """The model's k samples per prompt as records. `out` is a run of its own (pipeline/rundir.py):
+    finished by this protocol from these very model files, it is reused; unfinished, resumed."""
     members = ensemble_members(path)
-    wanted = {**_protocol_keys(cfg), "model": path, "model_fingerprint": fingerprint}
-    if len(members) > 1:
-        wanted["backend"] = "ensemble"  # sampled by its own loop under either backend
-    protocol_file, done = out.with_name(out.name + ".protocol.json"), out / "samples"
-    saved = json.loads(protocol_file.read_text()) if protocol_file.is_file() else None
-    if saved == {**wanted, "complete": True} and done.is_dir():
-        import datasets
-        print(f"{name}: reusing {done}")
-        return datasets.load_from_disk(str(done)).to_list()
-    stale = saved is None or {k: v for k, v in saved.items() if k != "complete"} != wanted
-    if stale and _is_main_process(cfg):  # another model or protocol made what is there: start again
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        protocol_file.write_text(json.dumps({**wanted, "complete": False}, indent=2) + "\n")
     if cfg.backend == "vllm" and len(members) == 1:
-        rows = _sample_vllm(cfg, path, out)
-    else:  # neither vLLM nor HF generate can average models: an ensemble has its own loop
-        rows = _sample_ensemble(cfg, members, prompts) if len(members) > 1 else _sample_transformers(cfg, path, prompts)
-        if rows is not None:
-            import datasets
-            save_dataset(datasets.Dataset.from_list(rows), done)
+        return _sample_vllm(cfg, path, out)  # the generate stage, whose record `out` holds
+    own = dataclasses.replace(cfg, models=[f"{name}={path}"], output_dir=str(out), overwrite=False)
+    run = open_run(own, "eval-samples", {"model": fingerprint}, FREE_KEYS - {"models"})
+    if run.complete:
+        import datasets
+        log.info(f"{name}: reusing {out / 'samples'}")
+        return datasets.load_from_disk(str(out / "samples")).to_list()
+    # neither vLLM nor HF generate can average models: an ensemble has its own loop
+    rows = _sample_ensemble(cfg, members, prompts) if len(members) > 1 else _sample_transformers(cfg, path, prompts)
     if rows is not None:
-        protocol_file.write_text(json.dumps({**wanted, "complete": True}, indent=2) + "\n")
+        import datasets
+        save_dataset(datasets.Dataset.from_list(rows), out / "samples")
+    run.finish()
     return rows or []
 
 
 def model_fingerprint(path: str) -> str:
-    """What the model at `path` is, for reuse checks (records.checkpoint_fingerprint); an ensemble
-    a+b is the hash of its members' fingerprints, in order."""
+    """What the model at `path` is (pipeline/rundir.py fingerprint); an ensemble a+b is the hash of
+    its members' fingerprints, in order."""
     members = ensemble_members(path)
     if len(members) > 1:
-        return "sha256:" + hashlib.sha256(json.dumps([model_fingerprint(m) for m in members]).encode()).hexdigest()
-    return checkpoint_fingerprint(path)
-
-
-def _protocol_keys(cfg: EvalConfig) -> dict[str, Any]:
-    keys = ("prompt_set", "split", "id_column", "prompt_column", "answer_column", "system_column", "template",
-            "system_prompt", "max_prompts", "num_samples", "temperature", "top_p", "max_tokens", "seed", "backend",
-            "dtype", "max_model_len")
-    return {k: v for k, v in config_to_dict(cfg).items() if k in keys}
+        return "sha256:" + hashlib.sha256(json.dumps([fingerprint(m) for m in members]).encode()).hexdigest()
+    return fingerprint(path)
 
 
 def _sample_vllm(cfg: EvalConfig, path: str, out: Path) -> list[dict[str, Any]]:
@@ -283,7 +296,7 @@ def ensemble_next_token_probs(logits: list[Any], temperature: float, top_p: floa
 
     for member in logits:
         if member.shape[-1] < vocab_size:
-            raise ValueError(f"a member has {member.shape[-1]} logits for a tokenizer of {vocab_size} tokens")
+            raise UserError(f"a member has {member.shape[-1]} logits for a tokenizer of {vocab_size} tokens")
     probs = torch.stack([torch.softmax(m[..., :vocab_size].float() / (temperature or 1.0), dim=-1)
                          for m in logits]).mean(0)
     if top_p < 1:  # the fewest most likely tokens that reach top_p, renormalized
@@ -301,7 +314,7 @@ def shared_tokenizer(paths: list[str]) -> Any:
     tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths]
     for path, tokenizer in zip(paths[1:], tokenizers[1:]):
         if tokenizer.get_vocab() != tokenizers[0].get_vocab():
-            raise ValueError(f"ensemble members {paths[0]} and {path} have different tokenizers ({len(tokenizers[0])} "
+            raise UserError(f"ensemble members {paths[0]} and {path} have different tokenizers ({len(tokenizers[0])} "
                              f"and {len(tokenizer)} tokens): an ensemble averages next-token probabilities, so its "
                              "members must share one vocabulary")
     return tokenizers[0]
@@ -350,14 +363,6 @@ def common_prompts(samples: list[dict[str, Any]], skipped: dict[str, list[str]])
 def _torch_dtype(dtype: str) -> Any:
     import torch
     return "auto" if dtype == "auto" else getattr(torch, dtype)
-
-
-def _is_main_process(cfg: EvalConfig) -> bool:
-    if cfg.backend == "vllm":
-        return True
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -8,7 +8,8 @@ command samples only what no shard holds. Requests enter each engine through a b
 and the dataset and exports are written from the shards in batches: a run's samples never sit
 in memory all at once.
 
-    output_dir/config.yaml         the resolved config (one that samples differently is refused)
+    output_dir/config.yaml, run.json   the resolved config and the record (pipeline/rundir.py): a
+                                   rerun that would sample differently is refused, a finished one reused
     output_dir/shards/*.parquet    finished work, for resume (shard-r<replica>-<n>)
     output_dir/samples/            every sample, scored (datasets.save_to_disk), TRL prompt-completion
     output_dir/curated/            the samples the curation filters kept: the training set
@@ -24,54 +25,55 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import UserError, setting
 from pipeline.curate import CurateConfig, curate_traces
 from pipeline.engine import EngineConfig, build_engine, run_replicas, shutdown
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
 from pipeline.records import (assemble, records_to_table, release_memory, save_dataset, stored_keys,
                               vocab_fingerprint, write_jsonl, write_shard)
+from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 
-CONFIG_FILE = "config.yaml"
+log = logging.getLogger(__name__)
 # Keys that change how fast samples come, not what is sampled: a resume may change them (after an
-# out-of-memory, say). Every other key is compared with the config the output_dir was made with.
-RESUMABLE_KEYS = {"overwrite", "curate", "export", "shard_size", "gpu_memory_utilization", "max_num_seqs",
-                  "enforce_eager", "in_process", "data_parallel_size", "ray_address", "enable_prefix_caching",
-                  "enable_chunked_prefill", "distributed_executor_backend",
-                  *(f.name for f in dataclasses.fields(CurateConfig))}
+# out-of-memory, say). Every other key is a result key (pipeline/rundir.py); curation's too, since
+# they make curated/ (to filter again, run the curate stage: it keeps its own record).
+FREE_KEYS = {"overwrite", "export", "shard_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager",
+             "in_process", "data_parallel_size", "ray_address", "enable_prefix_caching", "enable_chunked_prefill",
+             "distributed_executor_backend", "score_workers"}
 
 
 @dataclass
-class GenerateConfig(CurateConfig, EngineConfig, PromptSource):
-    output_dir: str = "runs/demo/traces"
-    # Replace an output_dir made with a different config. Command line only: in a YAML file it
-    # would delete finished work on every rerun.
-    overwrite: bool = field(default=False, metadata={"cli_only": True})
-    model: str = "prompts/arithmetic/teacher"  # teacher: local path or hub id
+class GenerateConfig(CurateConfig, EngineConfig, PromptSource, RunKeys):
+    output_dir: str | None = setting(None, help="where the stage writes: config, shards, samples/, curated/, "
+                                                "exports, reports")
+    model: str | None = setting(None, help="the teacher that samples: a local path or hub id")
     # Sampling: every prompt is sampled num_samples times at each temperature.
-    temperatures: list[float] = field(default_factory=lambda: [0.6])
-    num_samples: int = 4
-    top_p: float = 0.95
-    top_k: int = 0  # 0: off
-    max_tokens: int = 4096
-    seed: int = 0  # base of the per-sample seeds
-    # Teacher top-k logprobs per completion token, for offline KD (0: off).
-    logprobs: int = 0
-    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"  # processed: after temperature/top-p
+    temperatures: list[float] = setting([0.6], help="a sweep: every prompt is sampled at each, every sample tagged "
+                                                    "with its temperature")
+    num_samples: int = setting(4, help="samples per prompt and temperature")
+    top_p: float = setting(0.95, help="nucleus sampling: the share of probability mass sampled from")
+    top_k: int = setting(0, help="top-k sampling (0: off)")
+    max_tokens: int = setting(4096, help="completion budget per sample, in tokens")
+    seed: int = setting(0, help="base of the per-sample seeds")
+    logprobs: int = setting(0, help="store the teacher's top-k logprobs per completion token, for offline KD (0: off)")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = setting(
+        "raw_logprobs", help="which logprobs are stored: raw, or processed (after temperature/top-p)")
     # Output.
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    shard_size: int = 256  # finished samples per shard file (the unit of resume)
-    export: list[Literal["jsonl", "parquet", "messages"]] = field(
-        default_factory=lambda: ["jsonl", "parquet", "messages"])
-    curate: bool = True  # score, filter and decontaminate into curated/ (keys in CurateConfig)
+    think_start: str = setting("<think>", help="the tag that opens the reasoning in a completion")
+    think_end: str = setting("</think>", help="the tag that closes the reasoning; the answer follows it")
+    shard_size: int = setting(256, help="finished samples per shard file (the unit of resume)")
+    export: list[Literal["jsonl", "parquet", "messages"]] = setting(
+        ["jsonl", "parquet", "messages"], help="extra files written beside samples/ and curated/")
+    curate: bool = setting(True, help="score, filter and decontaminate into curated/ (keys in CurateConfig)")
 
     def __post_init__(self) -> None:
         CurateConfig.__post_init__(self)
@@ -88,6 +90,15 @@ class GenerateConfig(CurateConfig, EngineConfig, PromptSource):
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         if not self.think_start or not self.think_end:
             raise ValueError("think_start and think_end must be non-empty tags, e.g. <think> and </think>")
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the traces are written (configs/generate.yaml sets "
+                             "the demo's)")
+        if not self.model:
+            raise ValueError("model is not set: the teacher that samples, a local path or hub id "
+                             "(configs/generate.yaml sets the demo's)")
+        if not self.prompt_set:
+            raise ValueError("prompt_set is not set: the prompts to sample, a set folder, file, saved dataset dir "
+                             "or hub id (configs/generate.yaml sets the demo's)")
 
 
 def check_sampling(cfg: Any) -> None:
@@ -114,7 +125,10 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     out = Path(cfg.output_dir)
     prompt_set = load_prompts(cfg)
     prompts = prompt_set.prompts
-    prepare_output_dir(cfg, out)
+    run = open_run(cfg, "generate", inputs(cfg), FREE_KEYS)
+    if run.complete:
+        log.info(f"{out}: sampled by this config already, nothing to do")
+        return datasets.load_from_disk(str(out / "samples"))
 
     units = [(p.id, t, i) for p in prompts for t in cfg.temperatures for i in range(cfg.num_samples)]
     shards = out / "shards"
@@ -134,23 +148,32 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
     skipped = sorted((s for r in results for s in r["skipped"]), key=lambda s: s["id"])
     write_jsonl(out / "skipped.jsonl", skipped)
     if skipped:
-        print(f"skipped {len(skipped)} prompt(s) longer than max_model_len: see {out / 'skipped.jsonl'}")
+        log.warning(f"skipped {len(skipped)} prompt(s) longer than max_model_len: see {out / 'skipped.jsonl'}")
     skipped_ids = {s["id"] for s in skipped}
     if len(skipped_ids) == len(prompts):
-        raise ValueError(f"every prompt is longer than the model's context (max_model_len {skipped[0]['max_model_len']}):"
-                         f" nothing to sample; see {out / 'skipped.jsonl'} and raise max_model_len")
+        raise UserError(f"every prompt is longer than the model's context (max_model_len {skipped[0]['max_model_len']}):"
+                        f" nothing to sample; see {out / 'skipped.jsonl'} and raise max_model_len")
     cache = out / ".cache"
     dataset = assemble(shards, [u for u in units if u[0] not in skipped_ids], cache)
     summary = summarize(dataset, n_prompts=len(prompts), skipped=len(skipped), seconds=elapsed,
                         new_tokens=sum(r["tokens"] for r in results), reused=len(units) - len(todo))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
+    log_summary(summary)
     if cfg.curate:
         curate_traces(dataset, cfg, cfg.scorer or prompt_set.scorer or "math", out, cfg.export)
     else:
         save_dataset(dataset, out / "samples", cfg.export)
     shutil.rmtree(cache, ignore_errors=True)
+    run.finish(samples=summary["samples"])
     return datasets.load_from_disk(str(out / "samples"))
+
+
+def inputs(cfg: GenerateConfig) -> dict[str, Any]:
+    """Fingerprints of what the run reads (pipeline/rundir.py): the teacher, the prompts and the
+    sets curation decontaminates against."""
+    against = sorted(cfg.decontaminate_against) if cfg.curate else []
+    return {"model": fingerprint(cfg.model), "prompt_set": prompt_set_fingerprint(cfg.prompt_set),
+            "decontaminate_against": [prompt_set_fingerprint(a.rsplit(":", 1)[0]) for a in against] or None}
 
 
 def split_work(prompts: list[Prompt], todo: list[tuple], replicas: int) -> list[list[tuple[Prompt, list]]]:
@@ -304,28 +327,6 @@ def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
             "topk_rest_logprob": rest.astype(np.float32), "token_logprobs": sampled,
             "completion_token_ids": np.asarray(sample.token_ids, dtype=np.int32), "logprobs_mode": mode}
 
-def prepare_output_dir(cfg: GenerateConfig, out: Path) -> None:
-    """Resume into a dir made by a config that samples the same; refuse another unless --overwrite."""
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_KEYS}
-    saved_path = out / CONFIG_FILE
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        if not saved_path.is_file():
-            raise ConfigError(f"{out} is not empty and was not made by this stage; "
-                              "pick another output_dir or pass --overwrite to replace it")
-        import yaml
-        saved = {k: v for k, v in (yaml.safe_load(saved_path.read_text()) or {}).items() if k not in RESUMABLE_KEYS}
-        changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
-        if changed:
-            diff = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-            raise ConfigError(f"{out} was made with a different config ({diff}). Resuming needs the same "
-                              "samples: pick another output_dir, or pass --overwrite on the command line to "
-                              "start it again")
-    elif cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved_path)
-
-
 def summarize(dataset: Any, n_prompts: int, skipped: int, new_tokens: int, seconds: float,
               reused: int) -> dict[str, Any]:
     per_temperature: dict[str, dict[str, Any]] = {}
@@ -350,11 +351,11 @@ def summarize(dataset: Any, n_prompts: int, skipped: int, new_tokens: int, secon
     }
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    print(f"\nprompts {s['prompts']} (skipped as too long: {s['prompts_skipped_too_long']}), "
-          f"samples {s['samples']} (reused from disk: {s['samples_reused_from_disk']})")
-    print(f"completion tokens {s['completion_tokens']}, truncated {s['share_truncated']:.1%}, "
-          f"this run {s['generated_tokens_this_run']} tokens at {s['tokens_per_second_this_run']} tokens/s")
-    print(f"{'temperature':>12} {'samples':>8} {'truncated':>10} {'mean tokens':>12}")
+def log_summary(s: dict[str, Any]) -> None:
+    log.info(f"\nprompts {s['prompts']} (skipped as too long: {s['prompts_skipped_too_long']}), "
+             f"samples {s['samples']} (reused from disk: {s['samples_reused_from_disk']})")
+    log.info(f"completion tokens {s['completion_tokens']}, truncated {s['share_truncated']:.1%}, "
+             f"this run {s['generated_tokens_this_run']} tokens at {s['tokens_per_second_this_run']} tokens/s")
+    log.info(f"{'temperature':>12} {'samples':>8} {'truncated':>10} {'mean tokens':>12}")
     for t, v in s["per_temperature"].items():
-        print(f"{t:>12} {v['samples']:>8} {v['truncated'] / v['samples']:>10.1%} {v['tokens'] / v['samples']:>12.1f}")
+        log.info(f"{t:>12} {v['samples']:>8} {v['truncated'] / v['samples']:>10.1%} {v['tokens'] / v['samples']:>12.1f}")

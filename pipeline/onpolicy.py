@@ -13,7 +13,7 @@ Which divergence is optimised depends on the teacher (the model card says which 
   plus one tail bucket, and beta > 0 is generalized JSD over a top-1 support (the teacher's argmax
   and the sampled token) plus a tail bucket: a far coarser signal than the local path's.
 - a teacher with another tokenizer: TRL's GOLD trainer (ULD loss, see `gold_trainer`); `lmbda`
-  is the share of batches the student samples, the rest are completions from `traces`, scored
+  is the share of batches the student samples, the rest are completions from `dataset`, scored
   by the live teacher (stored ids mean nothing to another tokenizer). With a shared tokenizer
   the off-policy part is the sft stage's online KD.
 
@@ -27,38 +27,55 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
 from pipeline import teacher_server
+from pipeline.config import UserError, setting
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
 from pipeline.records import load_traces
-from pipeline.student import LoraKeys, last_loss, lora_config, train_and_save
+from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
+from pipeline.student import TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, train_and_save
 from pipeline.tiny import CHATML_TEMPLATE
+
+log = logging.getLogger(__name__)
+FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/student.py)
 
 
 @dataclass
-class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys):
+class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, RunKeys):
     """Every DistillationConfig / TrainingArguments field (beta, temperature, max_completion_length,
     use_vllm, ...), the prompt-set keys of generate, the LoRA keys, and the keys below."""
 
-    output_dir: str = "runs/demo/student-onpolicy"
-    report_to: str | list[str] | None = "none"
-    model: str = "runs/demo/student-sft"  # the student to start from: a path (e.g. the sft stage's output) or hub id
-    teacher: str | None = "prompts/arithmetic/teacher"  # a local teacher: path or hub id
-    teacher_server: str | None = None  # or the URL of a vLLM server serving the teacher (then teacher: null)
-    server_top_k: int = 1  # served teacher: top-k log-probs per token (TRL: 1 when beta > 0)
-    lmbda: float = 1.0  # share of on-policy batches; < 1 mixes in `traces` (GOLD trainer, another tokenizer)
-    traces: str | None = None  # off-policy completions for lmbda < 1: a traces dir or saved dataset
-    gold: dict = field(default_factory=dict)  # extra GOLDConfig keys (uld_*), cross-tokenizer runs only
-    chat_template: Literal["student", "chatml"] = "student"
+    output_dir: str | None = setting(None, help="checkpoints and the final student model (with its card, "
+                                                "train_summary.json and config.yaml)")
+    report_to: str | list[str] | None = setting("none", help="TRL's experiment trackers (wandb, tensorboard, ...); "
+                                                             "none: no tracker")
+    model: str | None = setting(None, help="the student to start from: a path (e.g. the sft stage's output) or "
+                                           "hub id")
+    teacher: str | None = setting(None, help="a local teacher: path or hub id (another tokenizer: the GOLD trainer)")
+    teacher_server: str | None = setting(None, help="or the URL of a vLLM server serving the teacher (then "
+                                                    "teacher: null)")
+    teacher_server_top_k: int = setting(1, help="served teacher: top-k log-probs per token (TRL: 1 when beta > 0)")
+    lmbda: float = setting(1.0, help="share of on-policy batches; < 1 mixes in `dataset` (GOLD trainer, another "
+                                     "tokenizer)")
+    dataset: str | None = setting(None, help="off-policy completions for lmbda < 1: a traces dir or saved dataset")
+    gold: dict = setting({}, help="extra GOLDConfig keys (uld_*, max_length), cross-tokenizer runs only")
+    chat_template: Literal["student", "chatml"] = setting("student", help="the student's own, or chatml: a "
+                                                                          "fallback that keeps <think> blocks")
+    RENAMED: ClassVar[dict[str, str]] = {"traces": "dataset", "server_top_k": "teacher_server_top_k"}
 
     def __post_init__(self) -> None:
+        # Before TrainingArguments' own, which replaces an unset output_dir with "trainer_output".
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the student's checkpoints and final model go "
+                             "(configs/onpolicy.yaml sets the demo's)")
         super().__post_init__()
         PromptSource.__post_init__(self)
         if bool(self.teacher) == bool(self.teacher_server):
@@ -66,16 +83,33 @@ class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys):
                              "(the URL of a vLLM server serving it)")
         if not 0 <= self.lmbda <= 1:
             raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {self.lmbda}")
-        if self.lmbda < 1 and not self.traces:
-            raise ValueError(f"lmbda: {self.lmbda} trains partly off-policy: set traces to a traces dir")
+        if self.lmbda < 1 and not self.dataset:
+            raise ValueError(f"lmbda: {self.lmbda} trains partly off-policy: set dataset to a traces dir")
         if self.teacher_server and (self.lmbda < 1 or self.temperature != 1.0):
             raise ValueError("teacher_server returns the teacher's raw (T = 1) log-probs of the student's samples: "
                              "it needs lmbda: 1 and temperature: 1.0 (a local teacher supports both)")
+        if not self.model:
+            raise ValueError("model is not set: the student to start from, a local path (e.g. the sft stage's "
+                             "output) or hub id (configs/onpolicy.yaml sets the demo's)")
+        if not self.prompt_set:
+            raise ValueError("prompt_set is not set: the prompts the student samples on, a set folder, file, saved "
+                             "dataset dir or hub id (configs/onpolicy.yaml sets the demo's)")
 
 
 def main(cfg: OnPolicyConfig) -> Path:
+    run = open_training_run(cfg, "onpolicy", inputs(cfg))
+    if run.complete:
+        log.info(f"{cfg.output_dir}: trained by this config already, nothing to do")
+        return Path(cfg.output_dir)
     trainer = build_trainer(cfg)
-    return train_and_save(trainer, cfg, card=lambda: model_card(cfg, trainer), summary=lambda: train_summary(trainer))
+    return train_and_save(trainer, cfg, run, card=lambda: model_card(cfg, trainer),
+                          summary=lambda: train_summary(trainer))
+
+
+def inputs(cfg: OnPolicyConfig) -> dict[str, Any]:
+    """Fingerprints of what the run reads (pipeline/rundir.py)."""
+    return {"model": fingerprint(cfg.model), "teacher": fingerprint(cfg.teacher),
+            "prompt_set": prompt_set_fingerprint(cfg.prompt_set), "dataset": fingerprint(cfg.dataset)}
 
 
 def build_trainer(cfg: OnPolicyConfig) -> Any:
@@ -90,18 +124,18 @@ def build_trainer(cfg: OnPolicyConfig) -> Any:
     if cfg.teacher_server:
         teacher_server.check_tokenizer(cfg.teacher_server, tokenizer, cfg.model)
         args = trainer_config(ServerDistillationConfig, cfg, teacher_model_server_url=cfg.teacher_server,
-                              loss_top_k=cfg.server_top_k)
+                              loss_top_k=cfg.teacher_server_top_k)
         trainer = ServerOnPolicyTrainer(args=args, **common)
     elif not same_tokenizer(cfg.teacher, tokenizer):
         trainer = gold_trainer(cfg, tokenizer, prompts, common)
     elif cfg.lmbda < 1:
-        raise ValueError(f"lmbda: {cfg.lmbda} with a teacher that shares the student's tokenizer: its off-policy "
+        raise UserError(f"lmbda: {cfg.lmbda} with a teacher that shares the student's tokenizer: its off-policy "
                          "part is the sft stage's online KD (make sft ARGS='--kd online --teacher ...'), then "
                          "lmbda: 1 here")
     else:
         trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
     state = trainer.accelerator.state
-    print(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
+    log.info(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
           f"({state.distributed_type.value}), {len(prompts)} prompts")
     return trainer
 
@@ -200,11 +234,11 @@ def gold_trainer(cfg: OnPolicyConfig, tokenizer: Any, prompts: Any, common: dict
     distance between the two sides' sorted probability vectors per group (ULD: blind to which
     token holds which probability, so no vocabulary mapping is needed). Per batch, with
     probability `lmbda` the student samples the completions (HF generate); otherwise they are the
-    `traces`' (the teacher's own, scored live by it). The teacher sees the student's chat template."""
+    `dataset`' (the teacher's own, scored live by it). The teacher sees the student's chat template."""
     from transformers import AutoConfig
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-    data = load_traces(cfg.traces) if cfg.lmbda < 1 else prompts.map(
+    data = load_traces(cfg.dataset) if cfg.lmbda < 1 else prompts.map(
         lambda _: {"completion": [{"role": "assistant", "content": ""}]})  # replaced by the student's samples
     args = trainer_config(GOLDConfig, cfg, use_uld_loss=True, **cfg.gold)  # lmbda, temperature, ... shared
     trainer = GOLDTrainer(teacher_model=cfg.teacher, args=args, **{**common, "train_dataset": data})
@@ -244,7 +278,7 @@ def train_summary(trainer: Any) -> dict[str, Any]:
 
 def model_card(cfg: OnPolicyConfig, trainer: Any) -> str:
     if cfg.teacher_server:
-        loss = (f"forward KL over the teacher's top-{cfg.server_top_k} ids plus a tail bucket" if cfg.beta == 0 else
+        loss = (f"forward KL over the teacher's top-{cfg.teacher_server_top_k} ids plus a tail bucket" if cfg.beta == 0 else
                 f"generalized JSD (beta={cfg.beta}) over a top-1 support (the teacher's argmax and the sampled "
                 "token) plus a tail bucket")
         teacher = f"served at {cfg.teacher_server} (TRL ServerDistillationTrainer)"
@@ -263,4 +297,4 @@ def model_card(cfg: OnPolicyConfig, trainer: Any) -> str:
             f" ({'vLLM' if cfg.use_vllm else 'HF generate'})\n"
             f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
             f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
-            f"- config: `stage_config.yaml` beside this card; train_summary.json: tokens and timings\n")
+            f"- config: `config.yaml` beside this card; train_summary.json: tokens and timings\n")

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import UserError, setting
+
 # Column names tried, in order, when the config and set.yaml map none.
 DEFAULT_COLUMNS = {
     "id": ("id", "prompt_id", "problem_id", "unique_id"),
@@ -21,10 +23,6 @@ DEFAULT_COLUMNS = {
     "system": ("system", "system_prompt"),
 }
 SET_FILE = "set.yaml"
-
-
-class PromptSetError(ValueError):
-    """A prompt set that cannot be used; the message names the file and row or column."""
 
 
 @dataclass
@@ -41,15 +39,22 @@ class Prompt:
 class PromptSource:
     """Config keys that say where prompts come from; shared by the generate and eval stages."""
 
-    prompt_set: str = "prompts/arithmetic"  # folder with set.yaml, a file, a saved dataset dir or a hub id
-    split: str = "train"
-    id_column: str | None = None  # unset: taken from set.yaml, else the first default name present
-    prompt_column: str | None = None
-    answer_column: str | None = None
-    system_column: str | None = None
-    template: str | None = None  # wraps the prompt; must contain "{prompt}"
-    system_prompt: str | None = None  # used for rows without a system column value
-    max_prompts: int | None = None  # first N prompts only (quick runs)
+    # Required by every stage that reads prompts (shrink's every_kth does not): each one checks it.
+    prompt_set: str | None = setting(None, help="the prompts: a folder with set.yaml, a .jsonl/.csv/.parquet file, "
+                                                "a saved dataset dir or a hub id")
+    split: str = setting("train", help="split of the set: a set folder's, a saved DatasetDict's or a hub dataset's")
+    id_column: str | None = setting(None, help="column of the prompt ids; unset: from set.yaml, else the first "
+                                               "common name present, else made up")
+    prompt_column: str | None = setting(None, help="column of the prompt text; unset: from set.yaml, else the first "
+                                                   "common name present")
+    answer_column: str | None = setting(None, help="column of the reference answer; unset: from set.yaml, else the "
+                                                   "first common name present")
+    system_column: str | None = setting(None, help="column of a per-row system message; unset: from set.yaml, else "
+                                                   "the first common name present")
+    template: str | None = setting(None, help='wraps each prompt, must contain "{prompt}"; unset: from set.yaml, '
+                                              "else none")
+    system_prompt: str | None = setting(None, help="system message for rows without a system column value")
+    max_prompts: int | None = setting(None, help="first N prompts only (quick runs); unset: all")
 
     def __post_init__(self) -> None:
         if self.template is not None and "{prompt}" not in self.template:
@@ -75,32 +80,32 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
         spec = yaml.safe_load((path / SET_FILE).read_text()) or {}
         for field, column in (spec.get("columns") or {}).items():
             if field not in columns:
-                raise PromptSetError(f"{path / SET_FILE}: unknown column field {field!r}; "
+                raise UserError(f"{path / SET_FILE}: unknown column field {field!r}; "
                                      f"use {', '.join(columns)}")
             columns[field] = columns[field] or column
         template = template or spec.get("template")
         scorer = spec.get("scorer")
         splits = spec.get("splits") or {}
         if src.split not in splits:
-            raise PromptSetError(f"{path / SET_FILE}: no split {src.split!r}; it has {', '.join(splits) or 'none'}")
+            raise UserError(f"{path / SET_FILE}: no split {src.split!r}; it has {', '.join(splits) or 'none'}")
         path = path / splits[src.split]
     source, rows = _read_rows(path, src.split)
     if not rows:
-        raise PromptSetError(f"{source}: the prompt set is empty; it needs at least one row")
+        raise UserError(f"{source}: the prompt set is empty; it needs at least one row")
     names = _resolve_columns(source, rows[0].keys(), columns, require_answers)
 
     prompts, seen = [], {}
     for i, row in enumerate(rows, start=1):
         text = row.get(names["prompt"])
         if not isinstance(text, str) or not text.strip():
-            raise PromptSetError(f"{source}, row {i}: column {names['prompt']!r} is empty or not text")
+            raise UserError(f"{source}, row {i}: column {names['prompt']!r} is empty or not text")
         pid = str(row[names["id"]]) if names["id"] else f"{Path(source).stem}-{i - 1:06d}"
         if pid in seen:
-            raise PromptSetError(f"{source}: duplicate id {pid!r} in rows {seen[pid]} and {i}; ids must be unique")
+            raise UserError(f"{source}: duplicate id {pid!r} in rows {seen[pid]} and {i}; ids must be unique")
         seen[pid] = i
         answer = row.get(names["answer"]) if names["answer"] else None
         if require_answers and (answer is None or str(answer).strip() == ""):
-            raise PromptSetError(f"{source}, row {i}: no reference answer in column {names['answer']!r}")
+            raise UserError(f"{source}, row {i}: no reference answer in column {names['answer']!r}")
         system = (row.get(names["system"]) if names["system"] else None) or src.system_prompt
         prompts.append(Prompt(
             id=pid,
@@ -128,7 +133,7 @@ def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
     """Rows of a file, a saved dataset or a hub dataset, with a printable name of the source."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.is_file():
-        raise PromptSetError(f"prompt file {path} does not exist")
+        raise UserError(f"prompt file {path} does not exist")
     if suffix in (".jsonl", ".json"):
         return str(path), _read_jsonl(path)
     if suffix == ".csv":
@@ -143,20 +148,20 @@ def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
         try:
             data = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
-            raise PromptSetError(f"{path} is neither a prompt set folder (no {SET_FILE}) nor a dataset "
+            raise UserError(f"{path} is neither a prompt set folder (no {SET_FILE}) nor a dataset "
                                  f"saved with save_to_disk: {err}") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
-                raise PromptSetError(f"{path}: no split {split!r}; it has {', '.join(data)}")
+                raise UserError(f"{path}: no split {split!r}; it has {', '.join(data)}")
             data = data[split]
         return str(path), data.to_list()
     if path.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
-        raise PromptSetError(f"prompt set {path} does not exist (expected a folder with {SET_FILE}, a "
+        raise UserError(f"prompt set {path} does not exist (expected a folder with {SET_FILE}, a "
                              ".jsonl/.csv/.parquet file, a saved dataset dir or a hub id like owner/name)")
     try:
         data = datasets.load_dataset(str(path), split=split)
     except Exception as err:  # offline, unknown id, no such split: all reported the same way
-        raise PromptSetError(f"could not load hub dataset {path!s} split {split!r}: {err}") from None
+        raise UserError(f"could not load hub dataset {path!s} split {split!r}: {err}") from None
     return f"{path} ({split})", data.to_list()
 
 
@@ -171,9 +176,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise PromptSetError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+            raise UserError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise PromptSetError(f"{path}, line {lineno}: expected a JSON object per line")
+            raise UserError(f"{path}, line {lineno}: expected a JSON object per line")
         rows.append(row)
     return rows
 
@@ -185,15 +190,15 @@ def _resolve_columns(source: str, present: Any, wanted: dict[str, str | None],
     for field, column in wanted.items():
         if column is not None:
             if column not in present:
-                raise PromptSetError(f"{source}: no column {column!r} (set as the {field} column); "
+                raise UserError(f"{source}: no column {column!r} (set as the {field} column); "
                                      f"columns present: {', '.join(present)}")
             names[field] = column
         else:
             names[field] = next((c for c in DEFAULT_COLUMNS[field] if c in present), None)
     if names["prompt"] is None:
-        raise PromptSetError(f"{source}: no prompt column; set prompt_column to one of: {', '.join(present)}")
+        raise UserError(f"{source}: no prompt column; set prompt_column to one of: {', '.join(present)}")
     if require_answers and names["answer"] is None:
-        raise PromptSetError(f"{source}: no reference answer column; set answer_column to one of: "
+        raise UserError(f"{source}: no reference answer column; set answer_column to one of: "
                              f"{', '.join(present)}")
     return names
 

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipeline.config import UserError
+
 KEY = ("prompt_id", "temperature", "sample_index")  # one work unit; each is stored exactly once
 BATCH = 1024  # rows per batch when streaming a dataset to a file
 JSON_BATCH = 128  # rows per batch turned into Python objects for a JSON export (top-k rows are heavy)
@@ -184,17 +186,17 @@ def load_traces(source: str, split: str = "train", needed: Sequence[str] = ("pro
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
     elif path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"dataset {source} does not exist: make it with `make generate` (or set --dataset "
+        raise UserError(f"dataset {source} does not exist: make it with `make generate` (or set --dataset "
                                 "to your traces: a traces dir, a dataset saved with save_to_disk, or a hub id "
                                 "like owner/name)")
     else:
         data = datasets.load_dataset(source, split=split)
     if data is None or len(data) == 0:
-        raise ValueError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
+        raise UserError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
                          "see curation.json beside it)")
     missing = [c for c in needed if c not in data.column_names]
     if missing:
-        raise ValueError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
+        raise UserError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
                          f"columns present: {', '.join(data.column_names)}")
     keep = list(needed) + [c for c in ("prompt_id", "teacher") if c in data.column_names]
     return data.select_columns(keep)
@@ -203,30 +205,3 @@ def load_traces(source: str, split: str = "train", needed: Sequence[str] = ("pro
 def _saved_empty(path: Path) -> bool:
     state = path / "state.json"
     return state.is_file() and not json.loads(state.read_text()).get("_data_files")
-
-
-# Files whose change makes a different model (or different sampling) under the same path.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
-
-
-def checkpoint_fingerprint(path: str) -> str:
-    """What the checkpoint at `path` is, for reuse checks: a hub id stands for itself; a local dir is
-    config.json's bytes plus the name, size and mtime of each weight and tokenizer file (stat,
-    not content: hashing gigabytes of weights on every run would cost more than it saves)."""
-    import hashlib
-
-    local = Path(path)
-    if not local.exists():
-        return path  # a hub id
-    files = [local] if local.is_file() else sorted(
-        f for f in local.iterdir() if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _TOKENIZER_FILES
-                                                     or f.name.endswith(".safetensors.index.json")))
-    digest = hashlib.sha256()
-    if (local / "config.json").is_file():
-        digest.update((local / "config.json").read_bytes())
-    for f in files:
-        stat = f.stat()
-        digest.update(f"\0{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return "sha256:" + digest.hexdigest()

@@ -17,7 +17,8 @@ Output layout and resume: pipeline/student.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,47 +26,74 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import teacher_server
+from pipeline.config import UserError, setting
 from pipeline.distill import features, relations, teachers
 from pipeline.distill.logits import LOG_ZERO, chunked_kd_loss
 from pipeline.records import load_traces, vocab_fingerprint
-from pipeline.student import LoraKeys, last_loss, lora_config, traces_teacher, train_and_save
+from pipeline.rundir import Run, RunKeys, fingerprint
+from pipeline.student import (TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, traces_teacher,
+                              train_and_save)
 from pipeline.tiny import CHATML_TEMPLATE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTStageConfig(SFTConfig, LoraKeys):
+class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
     """Every SFTConfig / TrainingArguments field, the LoRA keys (pipeline/student.py), and the keys below."""
 
-    output_dir: str = "runs/demo/student-sft"
-    max_length: int | None = None  # unset: the longest sample (TRL's 1024 would cut long traces silently)
-    report_to: str | list[str] | None = "none"
+    output_dir: str | None = setting(None, help="checkpoints and the final student model (with its card, "
+                                                "train_summary.json and config.yaml)")
+    # TRL's 1024 default would cut long traces silently.
+    max_length: int | None = setting(None, help="tokens per sample, longer ones are cut (with a warning); "
+                                                "unset: the longest sample's")
+    report_to: str | list[str] | None = setting("none", help="TRL's experiment trackers (wandb, tensorboard, ...); "
+                                                             "none: no tracker")
     # Data and models.
-    model: str = "runs/demo/student-init"  # student: local path or hub id
-    dataset: str = "runs/demo/traces"  # a traces dir (its curated/ is used), a saved dataset dir, or a hub id
-    dataset_split: str = "train"  # for hub datasets
-    max_train_samples: int | None = None  # train on N traces: a random subset drawn with `seed` (unset: all)
-    chat_template: Literal["student", "chatml"] = "student"  # chatml: a fallback that keeps <think> blocks
+    model: str | None = setting(None, help="the student to train: a local path or hub id")
+    dataset: str | None = setting(None, help="a traces dir (its curated/ is used), a saved dataset dir, or a hub id")
+    dataset_split: str = setting("train", help="split of a hub dataset or a saved DatasetDict")
+    max_train_samples: int | None = setting(None, help="train on N traces, a random subset drawn with `seed`; "
+                                                       "unset: all")
+    chat_template: Literal["student", "chatml"] = setting("student", help="the student's own, or chatml: a "
+                                                                          "fallback that keeps <think> blocks")
     # Logit KD.
-    kd: Literal["none", "online", "offline", "mutual"] = "none"
-    teacher: str | list[str] | None = None  # online KD: path or hub id (a list: an ensemble); the student's tokenizer
-    teacher_server: str | None = None  # online KD from a vLLM server instead (URL): top-k + rest (teacher_server.py)
-    teacher_server_top_k: int = 20  # the server's top-k log-probs per token (start it with --max-logprobs >= this)
-    kd_alpha: float = 0.5  # weight of the KD term; 1 - kd_alpha weighs CE
-    kd_temperature: float = 2.0
-    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    kd_beta: float = 0.5  # jsd only: the mixture weight (0: forward KL, 1: reverse KL)
-    kd_chunk_size: int = 256  # tokens per chunk of logits: bounds the loss's memory (see BENCHMARKS.md)
+    kd: Literal["none", "online", "offline", "mutual"] = setting(
+        "none", help="logit KD: online (a teacher model), offline (stored top-k logprobs), mutual (a second student)")
+    teacher: str | list[str] | None = setting(None, help="online KD: path or hub id (a list: an ensemble), with the "
+                                                         "student's tokenizer")
+    teacher_server: str | None = setting(None, help="online KD from a vLLM server instead (URL): top-k + rest "
+                                                    "(teacher_server.py)")
+    teacher_server_top_k: int = setting(20, help="the server's top-k log-probs per token (start it with "
+                                                 "--max-logprobs >= this)")
+    kd_alpha: float = setting(0.5, help="weight of the KD term; 1 - kd_alpha weighs CE")
+    kd_temperature: float = setting(2.0, help="softening temperature T of both distributions (the loss is scaled "
+                                              "by T^2)")
+    kd_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = setting(
+        "forward_kl", help="the KD divergence: forward_kl, reverse_kl or jsd (generalized JSD, kd_beta)")
+    kd_beta: float = setting(0.5, help="jsd only: the mixture weight (0: forward KL, 1: reverse KL)")
+    kd_chunk_size: int = setting(256, help="tokens per chunk of logits: bounds the loss's memory (see "
+                                           "BENCHMARKS.md)")
     # The rest of the family (pipeline/distill/); weights are the papers', stated in each file.
-    feature_kd: bool = False  # hidden states, projected (features.py); with kd: online and one local teacher
-    feature_weight: float = 1.0
-    feature_layers: list[str] = field(default_factory=list)  # "student:teacher" state indices; []: evenly
-    relation_kd: bool = False  # distances and angles between a batch's samples (relations.py); as feature_kd
-    relation_distance_weight: float = 25.0
-    relation_angle_weight: float = 50.0
-    mutual_peer: str | None = None  # kd: mutual: the second student's init, trained beside this one
-    generations: int = 1  # born-again: K students in turn, each after the first taught by the one before
+    feature_kd: bool = setting(False, help="hidden-state KD, projected (features.py); needs kd: online and one "
+                                           "local teacher")
+    feature_weight: float = setting(1.0, help="weight of the feature KD term")
+    feature_layers: list[str] = setting([], help='"student:teacher" hidden-state index pairs; []: every student '
+                                                 "layer, mapped evenly")
+    relation_kd: bool = setting(False, help="RKD: distances and angles between a batch's samples (relations.py); "
+                                            "as feature_kd, and batch >= 3")
+    relation_distance_weight: float = setting(25.0, help="weight of the RKD distance term")
+    relation_angle_weight: float = setting(50.0, help="weight of the RKD angle term")
+    mutual_peer: str | None = setting(None, help="kd: mutual: the second student's init, trained beside this one "
+                                                 "(saved in output_dir/peer)")
+    generations: int = setting(1, help="born-again: K students in turn, each after the first taught by the one "
+                                       "before")
 
     def __post_init__(self) -> None:
+        # Before TrainingArguments' own, which replaces an unset output_dir with "trainer_output".
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the student's checkpoints and final model go "
+                             "(configs/sft.yaml sets the demo's)")
         super().__post_init__()
         if self.kd == "online" and bool(self.teacher) == bool(self.teacher_server):
             raise ValueError("kd: online needs one teacher: teacher (a model path or hub id, loaded here) or "
@@ -89,19 +117,43 @@ class SFTStageConfig(SFTConfig, LoraKeys):
             raise ValueError(f"kd_alpha and kd_beta must be in [0, 1], got {self.kd_alpha} and {self.kd_beta}")
         if self.kd_temperature <= 0 or self.kd_chunk_size < 1:
             raise ValueError("kd_temperature must be > 0 and kd_chunk_size >= 1")
+        if not self.model:
+            raise ValueError("model is not set: the student to train, a local path or hub id "
+                             "(configs/sft.yaml sets the demo's)")
+        if not self.dataset:
+            raise ValueError("dataset is not set: the traces to train on, a traces dir, saved dataset dir or hub id "
+                             "(configs/sft.yaml sets the demo's)")
+
+
+FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/student.py)
 
 
 def main(cfg: SFTStageConfig) -> Path:
-    """One student; with `generations: K`, K in turn (pipeline/distill/teachers.py), the last in output_dir."""
-    for gen in teachers.generation_plan(cfg):
-        if gen.output_dir != cfg.output_dir and (Path(gen.output_dir) / "train_summary.json").is_file():
-            print(f"{gen.output_dir}: trained already")
-            continue
-        trainer = build_trainer(gen)
-        out = train_and_save(trainer, gen, card=lambda: model_card(gen, trainer),
-                             summary=lambda: train_summary(trainer))
-        del trainer
-    return out
+    """One student; with `generations: K`, K in turn (pipeline/distill/teachers.py), the last in
+    output_dir, each earlier one a run of its own in output_dir/generation-k."""
+    run = open_training_run(cfg, "sft", inputs(cfg))
+    if run.complete:
+        log.info(f"{cfg.output_dir}: trained by this config already, nothing to do")
+        return Path(cfg.output_dir)
+    *earlier, last = teachers.generation_plan(cfg)
+    for gen in earlier:
+        gen_run = open_training_run(gen, "sft", inputs(gen))
+        if not gen_run.complete:
+            train(gen, gen_run)
+    return train(last, run)
+
+
+def inputs(cfg: SFTStageConfig) -> dict[str, Any]:
+    """Fingerprints of what the run reads (pipeline/rundir.py): student init, traces, teachers."""
+    members = [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher or []
+    return {"model": fingerprint(cfg.model), "dataset": fingerprint(cfg.dataset),
+            "teacher": [fingerprint(m) for m in members] or None, "mutual_peer": fingerprint(cfg.mutual_peer)}
+
+
+def train(cfg: SFTStageConfig, run: Run) -> Path:
+    trainer = build_trainer(cfg)
+    return train_and_save(trainer, cfg, run, card=lambda: model_card(cfg, trainer),
+                          summary=lambda: train_summary(trainer))
 
 
 def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
@@ -147,7 +199,7 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
     state = trainer.accelerator.state
-    print(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
+    log.info(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
     return trainer
 
 
@@ -157,7 +209,7 @@ def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
     """`max_train_samples` traces drawn with the training seed: at one seed, every method gets the
     same ones, and a smaller subset is part of a larger one."""
     if cfg.max_train_samples > len(dataset):
-        raise ValueError(f"max_train_samples is {cfg.max_train_samples} but dataset {cfg.dataset} has only "
+        raise UserError(f"max_train_samples is {cfg.max_train_samples} but dataset {cfg.dataset} has only "
                          f"{len(dataset)} traces: lower it, or generate more (max_prompts, num_samples)")
     return dataset.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
 
@@ -168,14 +220,14 @@ def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> 
     teacher = ", ".join(dataset.unique("teacher")) if "teacher" in dataset.column_names else "the teacher"
     modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
     if modes:
-        raise ValueError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store {', '.join(modes)} "
+        raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store {', '.join(modes)} "
                          "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
                          "would apply twice and the tail is lost): generate them again with logprobs_mode: "
                          "raw_logprobs")
     student = vocab_fingerprint(tokenizer)
     stored = set(dataset.unique("teacher_vocab")) - {student}
     if stored:
-        raise ValueError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
+        raise UserError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
                          f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
                          "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
                          "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
@@ -189,7 +241,7 @@ def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTS
     reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
     rendered = tokenizer.apply_chat_template(sample["prompt"] + sample["completion"], tokenize=False)
     if "</think>" in content and reasoning and reasoning[:50] not in rendered:
-        raise ValueError(f"the chat template of {cfg.model} drops the <think> block from assistant messages; "
+        raise UserError(f"the chat template of {cfg.model} drops the <think> block from assistant messages; "
                          "set chat_template: chatml to train on the reasoning")
 
 
@@ -203,10 +255,10 @@ def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
         return
     if cfg.max_length is None:
         cfg.max_length = max(lengths)
-        print(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
+        log.info(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
     truncated = sum(n > cfg.max_length for n in lengths)
     if truncated:
-        print(f"warning: {truncated} of {len(lengths)} samples are longer than max_length={cfg.max_length} "
+        log.warning(f"warning: {truncated} of {len(lengths)} samples are longer than max_length={cfg.max_length} "
               "and will be truncated (their EOS is lost); raise max_length or filter them out")
 
 
@@ -216,11 +268,11 @@ def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
     sample = trainer.train_dataset[0]
     trained = [t for t in sample.get("labels", sample["input_ids"]) if t != -100]
     if tokenizer.eos_token_id not in trained[-2:]:  # ChatML puts a newline after the EOS
-        raise ValueError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
+        raise UserError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
                          "use a chat template that ends assistant turns with the EOS token")
     labels = trainer.data_collator([sample])["labels"][0].tolist()
     if tokenizer.eos_token_id not in labels:
-        raise ValueError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
+        raise UserError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
                          "(pad_token == eos_token?): set a distinct pad token")
 
 
@@ -467,7 +519,7 @@ def teacher_token_dataset(dataset: Any, tokenizer: Any, vocab_size: int) -> Any:
         ending = tail[1:] if tail and completion and completion[-1] == tail[0] else tail  # EOS once
         ids = torch.as_tensor(example["topk_ids"], dtype=torch.long).reshape(len(completion), -1)
         if ids.numel() and int(ids.max()) >= vocab_size:
-            raise ValueError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
+            raise UserError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
                              f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
         k = ids.shape[1]
         certain = torch.as_tensor(ending, dtype=torch.long)
@@ -569,4 +621,4 @@ def model_card(cfg: SFTStageConfig, trainer: Any) -> str:
                "(generation-k/ beside the last)\n" if cfg.generations > 1 else "")
             + f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
             f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
-            f"- config: `stage_config.yaml` beside this card\n")
+            f"- config: `config.yaml` beside this card\n")

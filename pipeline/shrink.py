@@ -34,9 +34,9 @@ What is saved in output_dir, written to a temporary dir and renamed into place w
 - the teacher's tokenizer files and generation_config.json, copied byte for byte;
 - shrink.json: the teacher, the kept and dropped teacher layers, the importance scores (when
   measured), the calibration data used, and teacher and student parameter counts;
-- stage_config.yaml: the resolved config. A rerun with the same config (and an unchanged
-  teacher) finds the output complete and does nothing; another config is refused unless
-  `--overwrite` is given on the command line.
+- config.yaml and run.json (pipeline/rundir.py): a rerun with the same config and an unchanged
+  teacher finds the student made and does nothing; another config is refused unless
+  `--overwrite` is given on the command line. A killed run starts again.
 
 The student is then distilled like any other: `make sft ARGS="--model <output_dir>"` (or a
 config with `model:` set to this output_dir), e.g. with `--kd online --teacher <the teacher>`.
@@ -46,18 +46,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import UserError, setting
 from pipeline.prompts import PromptSource, load_prompts, render
-from pipeline.records import checkpoint_fingerprint
+from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-CONFIG_FILE = "stage_config.yaml"
 REPORT_FILE = "shrink.json"
 # Copied from the teacher byte for byte: the student must tokenize and stop exactly as it does.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -66,29 +68,29 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 # Config fields holding one value per decoder layer (only layer_types in Qwen2 and Llama today).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "mlp_only_layers")
 # Keys that do not change the student: a rerun may differ in them and still reuse the output.
-REUSABLE_KEYS = {"overwrite", "calibration_batch_size"}
+FREE_KEYS = {"overwrite", "calibration_batch_size"}
 # Keys only the importance method reads.
 CALIBRATION_KEYS = {*(f.name for f in dataclasses.fields(PromptSource)), "calibration_prompts",
                     "calibration_max_tokens", "seed"}
 
 
 @dataclass
-class ShrinkConfig(PromptSource):
+class ShrinkConfig(PromptSource, RunKeys):
     """PromptSource keys (prompt_set, split, columns, template, max_prompts) say where the
     calibration prompts of the importance method come from."""
 
-    teacher: str = "prompts/sums/teacher"  # local checkpoint dir of a Qwen2 or Llama causal LM
-    output_dir: str = "runs/demo/student-shrunk"
-    num_layers: int = 2  # decoder layers the student keeps (fewer than the teacher's)
-    method: Literal["every_kth", "importance"] = "importance"
-    prompt_set: str = "prompts/sums"
-    calibration_prompts: int = 64  # drawn at random (seed) from the set (its first max_prompts, if set)
-    calibration_max_tokens: int = 1024  # longer rendered prompts are cut to this many tokens
-    calibration_batch_size: int = 8
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher load and student save dtype
-    seed: int = 0
-    # Replace an output_dir made with another config. Command line only, like generate's.
-    overwrite: bool = field(default=False, metadata={"cli_only": True})
+    teacher: str | None = setting(None, help="local checkpoint dir of a Qwen2 or Llama causal LM")
+    output_dir: str | None = setting(None, help="the student checkpoint, shrink.json, config.yaml and run.json")
+    num_layers: int = setting(2, help="decoder layers the student keeps (fewer than the teacher's)")
+    method: Literal["every_kth", "importance"] = setting(
+        "importance", help="importance: highest block influence on calibration prompts; every_kth: evenly spaced, "
+                           "first and last kept")
+    calibration_prompts: int = setting(64, help="drawn at random (seed) from the set (its first max_prompts, if set)")
+    calibration_max_tokens: int = setting(1024, help="longer rendered prompts are cut to this many tokens")
+    calibration_batch_size: int = setting(8, help="calibration prompts per forward pass")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", help="teacher load and student save "
+                                                                                    "dtype")
+    seed: int = setting(0, help="draws the calibration prompts")
 
     def __post_init__(self) -> None:
         PromptSource.__post_init__(self)
@@ -99,9 +101,14 @@ class ShrinkConfig(PromptSource):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not self.teacher:
-            raise ValueError("teacher must be a local checkpoint dir (config.json and weights)")
+            raise ValueError("teacher is not set: the local checkpoint dir (config.json and weights) the student is "
+                             "cut from (configs/shrink.yaml sets the demo's)")
         if not self.output_dir:
-            raise ValueError("output_dir must be set: where the student checkpoint is written")
+            raise ValueError("output_dir is not set: where the student checkpoint is written (configs/shrink.yaml "
+                             "sets the demo's)")
+        if self.method == "importance" and not self.prompt_set:
+            raise ValueError("prompt_set is not set: method importance needs calibration prompts, a set folder, "
+                             "file, saved dataset dir or hub id (configs/shrink.yaml sets the demo's)")
 
 
 def main(cfg: ShrinkConfig) -> Path:
@@ -127,7 +134,7 @@ def most_important_layers(scores: list[float], keep: int) -> list[int]:
 
 def check_num_layers(keep: int, total: int) -> None:
     if not 1 <= keep < total:
-        raise ConfigError(f"num_layers {keep}: the teacher has {total} decoder layers; set num_layers "
+        raise UserError(f"num_layers {keep}: the teacher has {total} decoder layers; set num_layers "
                           f"between 1 and {total - 1}")
 
 
@@ -183,13 +190,14 @@ def shrink(cfg: ShrinkConfig) -> Path:
     check_num_layers(cfg.num_layers, total)
     out = Path(cfg.output_dir)
     if out.resolve() == teacher.resolve():
-        raise ConfigError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
+        raise UserError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
                           "never replaced)")
-    fingerprint = checkpoint_fingerprint(str(teacher))  # config.json bytes + weight/tokenizer file stats
-    if reusable(cfg, out, fingerprint):
-        print(f"shrink: {out} was made by this config from this teacher; nothing to do")
-        return out
     prompts = calibration_prompts(cfg) if cfg.method == "importance" else None  # bad prompt sets fail early
+    run = open_run(cfg, "shrink", inputs(cfg),
+                   FREE_KEYS | (set() if cfg.method == "importance" else CALIBRATION_KEYS))  # every_kth reads no prompts
+    if run.complete:
+        log.info(f"shrink: {out} was made by this config from this teacher; nothing to do")
+        return out
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,7 +206,7 @@ def shrink(cfg: ShrinkConfig) -> Path:
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
     teacher_params = model.num_parameters()
-    report: dict[str, Any] = {"teacher": str(teacher), "teacher_fingerprint": fingerprint,
+    report: dict[str, Any] = {"teacher": str(teacher), "teacher_fingerprint": fingerprint(teacher),
                               "architecture": type(model).__name__, "method": cfg.method,
                               "teacher_layers": total}
     if prompts is not None:
@@ -228,32 +236,39 @@ def shrink(cfg: ShrinkConfig) -> Path:
                   student_layers=len(keep), per_layer_config_fields=per_layer,
                   parameters={"teacher": teacher_params, "student": model.num_parameters(),
                               "student_share": round(model.num_parameters() / teacher_params, 4)})
-    write_output(cfg, out, model, teacher, report)
-    print(f"shrink: kept teacher layers {keep} of {total}; {model.num_parameters():,} of "
+    write_output(out, model, teacher, report)
+    run.finish()
+    log.info(f"shrink: kept teacher layers {keep} of {total}; {model.num_parameters():,} of "
           f"{teacher_params:,} parameters; student in {out}")
     return out
+
+
+def inputs(cfg: ShrinkConfig) -> dict[str, Any]:
+    """Fingerprints of what the run reads (pipeline/rundir.py): the teacher and its calibration prompts."""
+    return {"teacher": fingerprint(cfg.teacher),
+            "prompt_set": prompt_set_fingerprint(cfg.prompt_set) if cfg.method == "importance" else None}
 
 
 def read_teacher_config(teacher: Path) -> dict[str, Any]:
     """The teacher's config.json, checked to be a local Qwen2/Llama checkpoint (without torch)."""
     if not teacher.is_dir():
-        raise ConfigError(f"teacher {str(teacher)!r} is not a directory; set teacher to a local checkpoint dir "
+        raise UserError(f"teacher {str(teacher)!r} is not a directory; set teacher to a local checkpoint dir "
                           "(config.json + weights), e.g. one saved by the sft stage")
     path = teacher / "config.json"
     if not path.is_file():
-        raise ConfigError(f"teacher {str(teacher)!r} has no config.json; set teacher to a transformers "
+        raise UserError(f"teacher {str(teacher)!r} has no config.json; set teacher to a transformers "
                           "checkpoint dir (save_pretrained output)")
     config = json.loads(path.read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ConfigError(f"teacher {str(teacher)!r} is a {model_type!r} model "
+        raise UserError(f"teacher {str(teacher)!r} is a {model_type!r} model "
                           f"({', '.join(config.get('architectures') or ['no architectures'])}); shrink "
                           f"supports {', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
     if config.get("per_layer_config"):
-        raise ConfigError(f"teacher {str(teacher)!r} has a heterogeneous config (per_layer_config); shrink cuts only "
+        raise UserError(f"teacher {str(teacher)!r} has a heterogeneous config (per_layer_config); shrink cuts only "
                           "models whose layers share one config")
     if not isinstance(config.get("num_hidden_layers"), int):
-        raise ConfigError(f"teacher {str(teacher)!r}: config.json has no num_hidden_layers")
+        raise UserError(f"teacher {str(teacher)!r}: config.json has no num_hidden_layers")
     return config
 
 
@@ -306,47 +321,10 @@ def check_state_dict(model: Any) -> None:
                            f"layers: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
-def write_output(cfg: ShrinkConfig, out: Path, model: Any, teacher: Path, report: dict[str, Any]) -> None:
-    """Write everything to a temporary dir, then rename it into place (replacing an old one)."""
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    model.save_pretrained(tmp)
+def write_output(out: Path, model: Any, teacher: Path, report: dict[str, Any]) -> None:
+    """The student, the teacher's tokenizer files and the report; the run is marked complete after."""
+    model.save_pretrained(out)
     for name in COPIED_FILES:
         if (teacher / name).is_file():
-            shutil.copy2(teacher / name, tmp / name)
-    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    save_config(cfg, tmp / CONFIG_FILE)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def reusable(cfg: ShrinkConfig, out: Path, fingerprint: str) -> bool:
-    """True when out is complete and made by this config from this teacher; raise when out holds
-    something else (unless --overwrite, which lets it be replaced once the new student is written)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return False
-    if cfg.overwrite:
-        return False
-    if not (out / CONFIG_FILE).is_file() or not (out / REPORT_FILE).is_file():
-        raise ConfigError(f"output_dir {str(out)!r} is not empty and was not made by the shrink stage; pick another "
-                          "output_dir or pass --overwrite on the command line to replace it")
-    import yaml
-
-    ignored = REUSABLE_KEYS | (CALIBRATION_KEYS if cfg.method == "every_kth" else set())  # unused there
-    saved = {k: v for k, v in (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}).items() if k not in ignored}
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignored}
-    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-    made_from = json.loads((out / REPORT_FILE).read_text()).get("teacher_fingerprint")
-    if made_from != fingerprint:
-        changed.append("the teacher's files (changed in place)")
-    if changed:
-        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" if k in saved or k in wanted else k
-                         for k in changed)
-        raise ConfigError(f"output_dir {str(out)!r} holds a student made with a different config ({diff}); pick "
-                          "another output_dir or pass --overwrite on the command line to replace it")
-    return True
+            shutil.copy2(teacher / name, out / name)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

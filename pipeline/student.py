@@ -1,31 +1,55 @@
-"""Student runs on disk, shared by the training stages (sft, onpolicy): LoRA keys, resume from the
-last checkpoint, and the saved student (weights, tokenizer, EOS, model card, train summary).
+"""Student runs on disk, shared by the training stages (sft, onpolicy): LoRA keys, the run
+contract of a training run, resume from the last checkpoint, and the saved student (weights,
+tokenizer, EOS, model card, train summary).
 
-    output_dir/checkpoint-*/      resumable checkpoints (a rerun resumes from the last one)
-    output_dir/                   final model, tokenizer, generation config (EOS), README.md card
-    output_dir/train_summary.json what the student saw (samples, prompts, trained tokens, steps, ...)
-    output_dir/stage_config.yaml  the resolved config
+    output_dir/config.yaml, run.json  the resolved config and the record (pipeline/rundir.py)
+    output_dir/checkpoint-*/          resumable checkpoints (an unfinished run resumes from the last one)
+    output_dir/                       final model, tokenizer, generation config (EOS), README.md card
+    output_dir/train_summary.json     what the student saw (samples, prompts, trained tokens, steps, ...)
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import save_config
+from pipeline.config import setting
+from pipeline.rundir import Run, open_run
+
+log = logging.getLogger(__name__)
+
+# TrainingArguments keys that change how a run is watched, saved or fed, never what it learns: a
+# resume may change them. The global batch (per-device batch x accumulation x processes) is compared
+# instead of its factors (derived in open_training_run).
+TRAINING_FREE_KEYS = {
+    "overwrite", "per_device_train_batch_size", "gradient_accumulation_steps", "local_rank", "log_level",
+    "log_level_replica", "log_on_each_node", "logging_steps", "logging_strategy", "logging_first_step",
+    "logging_nan_inf_filter", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "save_steps", "save_strategy", "save_total_limit", "save_on_each_node",
+    "save_only_model", "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "hub_always_push", "hub_revision", "per_device_eval_batch_size", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "torch_empty_cache_steps", "resume_from_checkpoint", "log_completions",
+    "num_completions_to_print", "log_unique_prompts", "vllm_server_timeout", "dataset_num_proc",
+    "kd_chunk_size",  # memory only: chunked equals unchunked (tests/test_logits.py)
+}
 
 
 @dataclass
 class LoraKeys:
     """LoRA (peft) for a training stage's config; lora_r: 0 is full fine-tuning."""
 
-    lora_r: int = 0
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_r: int = setting(0, help="LoRA rank (peft); 0: full fine-tuning, no adapter")
+    lora_alpha: int = setting(32, help="LoRA scaling: the adapter's update is scaled by lora_alpha / lora_r")
+    lora_dropout: float = setting(0.05, help="dropout on the LoRA adapter's input")
+    lora_target_modules: list[str] = setting(["all-linear"], help='modules that get an adapter: names, or '
+                                                                  '"all-linear" (every linear layer but the output)')
 
 
 def lora_config(cfg: LoraKeys) -> Any:
@@ -38,18 +62,26 @@ def lora_config(cfg: LoraKeys) -> Any:
                       target_modules=modules[0] if modules == ["all-linear"] else modules)
 
 
-def train_and_save(trainer: Any, cfg: Any, card: Callable[[], str], summary: Callable[[], dict[str, Any]]) -> Path:
-    """Train (resuming from the last checkpoint in output_dir), then save the student with its card
-    and summary (both built after training, when the trainer's state is final)."""
+def open_training_run(cfg: Any, stage: str, inputs: dict[str, Any]) -> Run:
+    """The run contract of a training run (pipeline/rundir.py), its global batch a result key."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
+    return open_run(cfg, stage, inputs, TRAINING_FREE_KEYS, derived={"global_batch": global_batch})
+
+
+def train_and_save(trainer: Any, cfg: Any, run: Run, card: Callable[[], str],
+                   summary: Callable[[], dict[str, Any]]) -> Path:
+    """Train (an unfinished run resumes from its last checkpoint), then save the student with its
+    card and summary (both built after training, when the trainer's state is final)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(cfg.output_dir)
-    save_config(cfg, out / "stage_config.yaml")
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
-        print(f"resuming from {last}")
+        log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     save_student(trainer, cfg, card(), summary())
+    run.finish(steps=trainer.state.global_step)
     # Launched as N processes, trackers finish and the process group is destroyed before exit: a
     # gloo group left to the interpreter's teardown can abort a process ("terminate called without
     # an active exception"). One process owns no group; one that something else in this process

@@ -20,21 +20,22 @@ it, e.g. a student stopped early that every method continues), unless it is shri
 student from its teacher. The value "{peer_init}" is replaced by a second init per seed (built like
 `student_init`, seed + 1000): a mutual-learning peer. Runs with the same config run once.
 Every stage is a normal run, `python -m pipeline STAGE --config OUT/configs/...yaml`, in its own
-process; a finished one is skipped on a rerun (a cell whose config changed since is refused, not
-reused), and a killed one resumes as that stage does.
+process, under the run contract: a finished one is reused on a rerun, a killed one resumes, and a
+run whose config changed since is refused before any run starts.
 
     OUT/traces/<cell>/  OUT/shrunk/<cell>/  OUT/students/<cell>/  OUT/onpolicy/<cell>/  OUT/warm/  OUT/eval/
-    OUT/configs/        each run's config and, once it finished, its .done (config hash, seconds)
+    OUT/configs/        each run's config (every run's own output_dir holds its record: pipeline/rundir.py)
     OUT/study.md, study.json, study.png                   the table and the plot
 
-    python -m pipeline.study --config configs/studies/temperature.yaml [--reduced] [--key value ...]
+    python -m pipeline study --config configs/studies/temperature.yaml [--reduced] [--key value ...]
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import importlib
 import itertools
+import logging
 import json
 import math
 import os
@@ -50,7 +51,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, load_config, parse_cli, parse_yaml
+from pipeline import rundir
+from pipeline.config import UserError, load_config, parse_yaml, setting
+
+log = logging.getLogger(__name__)
 
 STAGES = ("generate", "shrink", "sft", "onpolicy", "eval")
 TRAINING = ("shrink", "sft", "onpolicy")  # shrink makes a student from the teacher; the others train one
@@ -59,20 +63,28 @@ PEER_INIT = "{peer_init}"  # a value that stands for a second random init per se
 
 @dataclass
 class StudyConfig:
-    description: str = ""
-    output_dir: str = "runs/studies/study"
-    stages: dict = field(default_factory=dict)  # stage -> base config file; generate is optional
-    axes: dict = field(default_factory=dict)  # name -> {key, values} or {values: {label: {stage.key: value}}}
-    zip: list = field(default_factory=list)  # groups of axis names that advance together
-    seeds: list[int] = field(default_factory=lambda: [0])
-    seed_keys: list[str] = field(default_factory=lambda: ["sft.seed"])
-    student_init: dict | None = None  # tiny.build_model arguments: one random student init per seed
-    warm_start: dict | None = None  # {sft.key: value}: an sft run per seed from the init, where every cell starts
-    common: dict = field(default_factory=dict)  # stage.key: value for every cell
-    baseline: dict = field(default_factory=dict)  # axis: value, the reference of paired differences
-    plot: dict = field(default_factory=dict)  # {kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}
-    reduced: dict = field(default_factory=dict)  # --reduced: these keys replace (axes, common: update) the above
-    jobs: int = 1  # runs at once (each waits for the runs whose outputs it reads), cores shared among them
+    description: str = setting("", help="the study's title, on its table and plot")
+    output_dir: str | None = setting(None, help="where the runs, their configs, the table and the plot go")
+    stages: dict = setting({}, help="stage -> base config file: sft and eval required; generate, shrink, onpolicy "
+                                    "optional")
+    axes: dict = setting({}, help="name -> {key: stage.key, values: [...]} or {values: {label: {stage.key: value}}}")
+    zip: list = setting([], help="groups of axis names that advance together; the other axes combine as a product")
+    seeds: list[int] = setting([0], help="every cell runs once per seed, which sets seed_keys")
+    seed_keys: list[str] = setting(["sft.seed"], help="stage.key entries each seed sets (add generate.seed to "
+                                                      "resample traces)")
+    student_init: dict | None = setting(None, help="tiny.build_model arguments: one random student init per seed "
+                                                   "(replaces sft's model)")
+    warm_start: dict | None = setting(None, help="{sft.key: value}: an sft run per seed from the init, where every "
+                                                 "cell starts")
+    common: dict = setting({}, help="stage.key: value for every cell")
+    baseline: dict = setting({}, help="axis: value, the reference of paired differences")
+    plot: dict = setting({}, help="{kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}")
+    reduced: bool = setting(False, help="run the study's small version: reduced_keys laid over the file's keys "
+                                        "(the command line still wins)")
+    reduced_keys: dict = setting({}, help="the small version's keys: they replace the above (axes and common: "
+                                          "updated key by key)")
+    jobs: int = setting(1, help="runs at once (each waits for the runs whose outputs it reads), cores shared among "
+                                "them")
 
     def __post_init__(self) -> None:
         if not {"sft", "eval"} <= set(self.stages) <= set(STAGES):
@@ -87,6 +99,9 @@ class StudyConfig:
                 raise ValueError(f"zip names axes that do not exist: {sorted(unknown)} (axes: {sorted(self.axes)})")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the study's runs, table and plot go (each "
+                             "configs/studies/*.yaml sets its own)")
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -122,15 +137,15 @@ class Cell:
 def axis_values(name: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
     """(label, {stage.key: value}) for each value of an axis."""
     if not isinstance(spec, dict) or "values" not in spec:
-        raise ConfigError(f"axis {name!r}: expected {{key: stage.key, values: [...]}} or {{values: {{label: "
+        raise UserError(f"axis {name!r}: expected {{key: stage.key, values: [...]}} or {{values: {{label: "
                           f"{{stage.key: value, ...}}}}}}, got {spec!r}")
     values = spec["values"]
     if "key" in spec:
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"axis {name!r}: values must be a non-empty list for a single key")
+            raise UserError(f"axis {name!r}: values must be a non-empty list for a single key")
         return [(str(v), {spec["key"]: v}) for v in values]
     if not isinstance(values, dict) or not all(isinstance(b, dict) for b in values.values()):
-        raise ConfigError(f"axis {name!r}: without `key`, values must map each label to its keys")
+        raise UserError(f"axis {name!r}: without `key`, values must map each label to its keys")
     return [(str(label), dict(bundle)) for label, bundle in values.items()]
 
 
@@ -139,7 +154,7 @@ def cells(cfg: StudyConfig) -> list[Cell]:
     axes = {name: axis_values(name, spec) for name, spec in cfg.axes.items()}
     for group in cfg.zip:
         if len({len(axes[a]) for a in group}) > 1:
-            raise ConfigError(f"zip {group}: zipped axes need the same number of values, got "
+            raise UserError(f"zip {group}: zipped axes need the same number of values, got "
                               + ", ".join(f"{a}: {len(axes[a])}" for a in group))
     grouped = [list(g) for g in cfg.zip] + [[a] for a in axes if not any(a in g for g in cfg.zip)]
     dims = [[tuple((a, axes[a][i]) for a in group) for i in range(len(axes[group[0]]))] for group in grouped]
@@ -153,7 +168,7 @@ def cells(cfg: StudyConfig) -> list[Cell]:
             for dotted, value in bundle.items():
                 stage, key = stage_key(dotted, f"axis {axis!r}, value {label!r}")
                 if key in overrides[stage]:
-                    raise ConfigError(f"{dotted} is set by two axes ({axis!r} and another): give it to one")
+                    raise UserError(f"{dotted} is set by two axes ({axis!r} and another): give it to one")
                 overrides[stage][key] = value
                 touched[axis].add(stage)
         out.append(Cell(labels, overrides, touched))
@@ -163,7 +178,7 @@ def cells(cfg: StudyConfig) -> list[Cell]:
 def stage_key(dotted: str, where: str) -> tuple[str, str]:
     stage, _, key = dotted.partition(".")
     if stage not in STAGES or not key:
-        raise ConfigError(f"{where}: {dotted!r} is not stage.key (stages: {', '.join(STAGES)})")
+        raise UserError(f"{where}: {dotted!r} is not stage.key (stages: {', '.join(STAGES)})")
     return stage, key
 
 
@@ -177,7 +192,10 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     grid = cells(cfg)
     runs = plan(cfg, grid, out)
-    print(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
+    # The study's own record holds its lock and config; each run's output_dir keeps its own
+    # record, so a study may grow (more axis values, more models) and reuse what finished.
+    study_run = rundir.open_run(cfg, "study", {}, {f.name for f in dataclasses.fields(StudyConfig)})
+    log.info(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
     for run in runs:  # every config is checked before anything runs
         check_config(run)
     if cfg.student_init:
@@ -193,8 +211,10 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     else:
         for run in runs:
             execute(run)
-    print(f"study ran in {time.time() - start:.0f} s")
-    return report(cfg, grid, runs, out)
+    log.info(f"study ran in {time.time() - start:.0f} s")
+    result = report(cfg, grid, runs, out)
+    study_run.finish(config=cfg)
+    return result
 
 
 @dataclass
@@ -217,7 +237,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
     def add(stage: str, name: str, config: dict[str, Any]) -> Run:
         run = Run(stage, name, config, out / "configs" / stage / f"{name}.yaml")
         if runs.setdefault((stage, name), run).config != config:
-            raise ConfigError(f"{stage} run {name}: two cells give it different configs")
+            raise UserError(f"{stage} run {name}: two cells give it different configs")
         return run
 
     same: dict[str, str] = {}  # (stage, config without output_dir) -> the output_dir of the run that has it
@@ -250,7 +270,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             warm_models.setdefault(name, model)
         for stage in cell.training:
             if stage not in base:
-                raise ConfigError(f"cell {cell.labels}: its axes set {stage} keys, but stages names no {stage} config")
+                raise UserError(f"cell {cell.labels}: its axes set {stage} keys, but stages names no {stage} config")
             config = {**base[stage], **common[stage], **cell.overrides[stage]}
             config = {k: str(student_init(out, seed + PEER_OFFSET)) if v == PEER_INIT else v for k, v in config.items()}
             if stage == "shrink":  # a student cut from its teacher: the next stage's init
@@ -283,45 +303,51 @@ def student_init(out: Path, seed: int) -> Path:
 
 
 def check_config(run: Run) -> None:
-    """Load the run's config as its stage will, so a bad key stops the study before the first run."""
-    from pipeline.__main__ import STAGES as MODULES
-
-    module, cls = MODULES[run.stage]
-    text = yaml.safe_dump(run.config, sort_keys=False)
-    started = run.path.is_file() and Path(run.config["output_dir"]).exists()
-    if started and run.stage != "eval" and run.path.read_text() != text:
-        # finished, it would be stale; unfinished, the stage would resume its checkpoints or shards
-        # under the new config. Eval is exempt: it keys each model's samples on protocol and weights.
-        raise ConfigError(f"{run.stage} run {run.name} was started with another config ({run.path}): delete "
-                          f"{run.config['output_dir']} to run it with the study's config now")
+    """Write the run's config and load it as its stage will, so that a bad key, or a config its
+    output_dir's record would refuse (pipeline/rundir.py), stops the study before the first run."""
     run.path.parent.mkdir(parents=True, exist_ok=True)
-    run.path.write_text(text)
+    run.path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    module, cfg = stage_config(run)
     try:
-        load_config(getattr(importlib.import_module(module), cls), run.path)
-    except ConfigError as err:
-        raise ConfigError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
+        rundir.check_unchanged(cfg, run.stage, module.FREE_KEYS)
+    except UserError as err:
+        raise UserError(f"{run.stage} run {run.name}: {err}") from None
 
 
-def execute(run: Run, log: Path | None = None, threads: int | None = None) -> None:
-    """Run one stage in its own process, unless it finished with this very config (a changed one
-    was refused by check_config; an eval with more models runs again and samples only those);
-    its output to `log` and `threads` CPU threads when runs share the machine."""
-    done = run.path.with_suffix(".done")
-    digest = hashlib.sha256(json.dumps(run.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if done.is_file() and json.loads(done.read_text())["config"] == digest:
-        print(f"==> {run.stage} {run.name}: done, reused")
+def stage_config(run: Run) -> tuple[Any, Any]:
+    """The stage module and the run's config, loaded as `python -m pipeline STAGE` loads it."""
+    from pipeline.cli import COMMANDS
+
+    module_name, class_name, _ = COMMANDS[run.stage]
+    module = importlib.import_module(module_name)
+    try:
+        return module, load_config(getattr(module, class_name), run.path)
+    except UserError as err:
+        raise UserError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
+
+
+def execute(run: Run, log_file: Path | None = None, threads: int | None = None) -> None:
+    """Run one stage in its own process, unless its output_dir holds this very run finished
+    (rundir.finished: same config, same inputs); its output to `log_file` and `threads` CPU
+    threads when runs share the machine. A stage resumes or reuses what it can by itself."""
+    module, cfg = stage_config(run)
+    if rundir.finished(cfg, run.stage, module.inputs(cfg)):
+        log.info(f"==> {run.stage} {run.name}: done, reused")
         return
     command = [sys.executable, "-m", "pipeline", run.stage, "--config", str(run.path)]
-    print(f"\n==> {run.stage} {run.name}: {' '.join(command)}" + (f" > {log}" if log else ""), flush=True)
-    start = time.time()
+    log.info(f"\n==> {run.stage} {run.name}: {' '.join(command)}" + (f" > {log_file}" if log_file else ""))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    if log:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as sink:
-            subprocess.run(command, check=True, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("w") as sink:
+            code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=env).returncode
     else:
-        subprocess.run(command, check=True, env=env)
-    done.write_text(json.dumps({"config": digest, "seconds": round(time.time() - start, 1)}) + "\n")
+        sys.stdout.flush()
+        code = subprocess.run(command, env=env).returncode
+    if code:
+        where = f"see {log_file}" if log_file else "its error is above"
+        raise UserError(f"{run.stage} run {run.name} failed (exit status {code}; {where}): fix it and rerun the "
+                        "study, finished runs are reused")
 
 
 def execute_parallel(runs: list[Run], jobs: int, logs: Path) -> None:
@@ -339,7 +365,7 @@ def execute_parallel(runs: list[Run], jobs: int, logs: Path) -> None:
                 waiting.remove(run)
                 running[pool.submit(execute, run, logs / f"{run.stage}-{run.name}.log", threads)] = run
             if not running:
-                raise ConfigError("study runs wait on each other in a cycle: " + ", ".join(r.name for r in waiting))
+                raise UserError("study runs wait on each other in a cycle: " + ", ".join(r.name for r in waiting))
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 future.result()  # a failed run stops the study (the others finish first)
@@ -408,15 +434,14 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
         rows.append(row)
-    seconds = sum(json.loads(done.read_text())["seconds"] for done in (r.path.with_suffix(".done") for r in runs)
-                  if done.is_file())
+    seconds = sum(_read_json(Path(r.config["output_dir"]) / "run.json").get("seconds", 0) for r in runs)
     result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
               "references": references, "rows": rows, "run_seconds": round(seconds)}
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "study.md").write_text(markdown(result))
     plot(result, cfg.plot, out / "study.png")
-    print(markdown(result))
-    print(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
+    log.info(markdown(result))
+    log.info(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
     return result
 
 
@@ -552,27 +577,28 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
 
 # ---------------------------------------------------------------------------- command line
 
-def load_study(path: str | None, overrides: dict[str, str]) -> StudyConfig:
-    """The study config; with --reduced, its `reduced` keys laid over it (axes and common are updated)."""
-    reduced = overrides.pop("reduced", "false") in ("true", "True", "1")
-    cfg = load_config(StudyConfig, path, overrides)
-    if not reduced:
-        return cfg
+def load(cls: type, path: str | None, overrides: dict[str, Any]) -> StudyConfig:
+    """The study config: its file, then (with --reduced) its reduced_keys laid over it (axes and
+    common updated key by key), then the command line, which wins over both."""
+    if path is not None and Path(path).is_file() and isinstance((parse_yaml(Path(path).read_text()) or {}).get(
+            "reduced"), dict):
+        raise UserError(f"{path}: the small version's keys are now `reduced_keys:` (`reduced` is the flag that "
+                        "runs it); rename the section (CHANGELOG.md)")
+    cfg = load_config(cls, path, overrides)
     if not cfg.reduced:
-        raise ConfigError(f"{path}: --reduced needs a `reduced:` section in the study config")
-    values = {k: v for k, v in vars(cfg).items() if k != "reduced"}
-    for key, value in cfg.reduced.items():
-        if key not in values:
-            raise ConfigError(f"{path}: reduced.{key} is not a study key")
-        values[key] = {**values[key], **value} if key in ("axes", "common") else value
-    return StudyConfig(**values)
+        return cfg
+    if not cfg.reduced_keys:
+        raise UserError(f"{path}: --reduced needs a `reduced_keys:` section in the study config")
+    layer = {key: {**getattr(cfg, key), **value} if key in ("axes", "common") else value
+             for key, value in cfg.reduced_keys.items()}
+    return load_config(cls, path, overrides, layer=(f"{path}: reduced_keys", layer))
+
+
+def load_study(path: str | None, overrides: dict[str, Any]) -> StudyConfig:
+    return load(StudyConfig, path, dict(overrides))
 
 
 if __name__ == "__main__":
-    try:
-        config_path, raw = parse_cli(sys.argv[1:])
-        main(load_study(config_path, raw))
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    except subprocess.CalledProcessError as err:
-        sys.exit(f"error: a run failed ({' '.join(err.cmd)}); fix it and rerun the study: finished runs are reused")
+    from pipeline.cli import main as cli
+
+    cli(["study", *sys.argv[1:]])

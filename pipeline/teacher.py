@@ -6,7 +6,7 @@ prompt-completion records (the prompt rendered exactly as generate and eval rend
 the sft stage on them, and scores the result with the eval stage (`eval_config`'s protocol, the
 demo's, into `eval_dir`). The shipped `prompts/arithmetic/teacher` was made this way (`make teacher`).
 
-    python -m pipeline.teacher [--config configs/teacher.yaml] [--key value ...]
+    python -m pipeline teacher --config configs/teacher.yaml [--key value ...]
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, load_config, parse_cli
+from pipeline.config import UserError, load_config, setting
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
+from pipeline.records import save_dataset
 from pipeline.sft import SFTStageConfig
 from pipeline.sft import main as sft_main
 from pipeline.tiny import build_model
@@ -28,23 +29,38 @@ class TeacherConfig(SFTStageConfig, PromptSource):
     """The sft stage's keys and the prompt set's keys, plus the architecture. `model` is where
     the random init goes, `dataset` where the prompt-completion records go."""
 
-    output_dir: str = "runs/teacher/model"
-    model: str = "runs/teacher/init"
-    dataset: str = "runs/teacher/solutions"
-    prompt_set: str = "prompts/arithmetic"
-    split: str = "train"
-    solution_column: str = "solution"  # a full completion (<think>...</think> answer), or a list of them
-    hidden_size: int = 128
-    num_layers: int = 4
-    intermediate_size: int = 512
-    init_seed: int = 0
-    # Scoring, after training: the eval stage with this config's protocol (null: not scored), on
-    # the teacher's own prompt set, rendered as it was trained.
-    eval_config: str | None = "configs/eval.yaml"
-    eval_dir: str = "runs/teacher/eval"
-    eval_max_prompts: int | None = None  # unset: the whole eval split
+    output_dir: str | None = setting(None, help="the trained teacher (checkpoints, final model and its card)")
+    model: str | None = setting(None, help="where the random init is built first (reused when it holds one)")
+    dataset: str | None = setting(None, help="where the prompt-completion records are written first")
+    prompt_set: str | None = setting(None, help="the prompt set whose worked solutions the teacher learns")
+    split: str = setting("train", help="split of the prompt set the teacher trains on")
+    solution_column: str = setting("solution", help="each row's full completion (<think>...</think> answer), or a "
+                                                    "list of them")
+    hidden_size: int = setting(128, help="the Qwen2 built from scratch: hidden size (head size 64)")
+    num_layers: int = setting(4, help="the Qwen2 built from scratch: decoder layers")
+    intermediate_size: int = setting(512, help="the Qwen2 built from scratch: MLP size")
+    init_seed: int = setting(0, help="seed of the random init")
+    # Scoring, after training: on the teacher's own prompt set, rendered as it was trained.
+    eval_config: str | None = setting("configs/eval.yaml", help="the eval config whose protocol scores the teacher "
+                                                                "after training (null: not scored)")
+    eval_dir: str = setting("runs/teacher/eval", help="where the teacher's eval goes")
+    eval_max_prompts: int | None = setting(None, help="first N prompts of the eval split; unset: the whole eval split")
 
     def __post_init__(self) -> None:
+        # Before the sft stage's checks (their messages are about a student) and TrainingArguments'
+        # own, which replaces an unset output_dir with "trainer_output".
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the trained teacher goes (configs/teacher.yaml sets "
+                             "the demo's)")
+        if not self.model:
+            raise ValueError("model is not set: the dir the teacher's random init is built in "
+                             "(configs/teacher.yaml sets the demo's)")
+        if not self.dataset:
+            raise ValueError("dataset is not set: the dir the prompt-completion records are written to "
+                             "(configs/teacher.yaml sets the demo's)")
+        if not self.prompt_set:
+            raise ValueError("prompt_set is not set: the prompt set with worked solutions the teacher learns "
+                             "(configs/teacher.yaml sets the demo's)")
         SFTStageConfig.__post_init__(self)
         PromptSource.__post_init__(self)
 
@@ -56,13 +72,15 @@ def main(cfg: TeacherConfig) -> Path:
     if not Path(cfg.model, "config.json").is_file():
         build_model(cfg.model, "qwen2", cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, seed=cfg.init_seed)
     records = solution_records(cfg, cfg.solution_column)
-    datasets.Dataset.from_list(records).save_to_disk(cfg.dataset)
+    # Written only when they differ: the sft run's record fingerprints them, and a rerun must find them as they were.
+    if not Path(cfg.dataset).is_dir() or datasets.load_from_disk(cfg.dataset).to_list() != records:
+        save_dataset(datasets.Dataset.from_list(records), Path(cfg.dataset))
     out = sft_main(cfg)
     (out / "README.md").write_text(
         f"# {cfg.prompt_set} teacher\n\nA Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, MLP "
         f"{cfg.intermediate_size}) trained from scratch by r1-distill on the worked `{cfg.solution_column}` of "
         f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline.teacher` "
-        f"(`make teacher`), every key in `stage_config.yaml` beside this card.\n")
+        f"(`make teacher`), every key in `config.yaml` beside this card.\n")
     if scoring:
         from pipeline.eval import main as eval_main
 
@@ -90,15 +108,13 @@ def solution_records(src: PromptSource, column: str) -> list[dict[str, Any]]:
         solutions = p.row.get(column)
         solutions = [solutions] if isinstance(solutions, str) else solutions
         if not solutions or not all(isinstance(s, str) for s in solutions):
-            raise ValueError(f"{src.prompt_set} ({src.split}), prompt {p.id}: no {column!r} text or list of "
-                             "texts; the teacher trains on each row's worked solutions (set solution_column)")
+            raise UserError(f"{src.prompt_set} ({src.split}), prompt {p.id}: no {column!r} text or list of "
+                            "texts; the teacher trains on each row's worked solutions (set solution_column)")
         records += [{"prompt": chat_prompt(p), "completion": [{"role": "assistant", "content": s}]} for s in solutions]
     return records
 
 
 if __name__ == "__main__":
-    try:
-        config_path, overrides = parse_cli(sys.argv[1:])
-        main(load_config(TeacherConfig, config_path, overrides))
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    from pipeline.cli import main as cli
+
+    cli(["teacher", *sys.argv[1:]])

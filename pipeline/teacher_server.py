@@ -16,6 +16,7 @@ from typing import Any
 import requests
 import torch
 
+from pipeline.config import UserError
 from pipeline.distill.logits import LOG_ZERO
 
 # Special tokens, think tags, digits, spaces and non-ASCII: where two tokenizers usually part ways.
@@ -37,12 +38,12 @@ def check_tokenizer(url: str, tokenizer: Any, student: str) -> None:
                                  timeout=30)
         response.raise_for_status()
     except requests.RequestException as err:
-        raise ConnectionError(f"teacher_server {url} does not answer ({type(err).__name__}); start it with `vllm "
-                              "serve TEACHER --max-logprobs K` (README: a teacher on its own GPUs)") from None
+        raise UserError(f"teacher_server {url} does not answer ({type(err).__name__}); start it with `vllm "
+                        "serve TEACHER --max-logprobs K` (README: a teacher on its own GPUs)") from None
     served = response.json()["tokens"]
     own = tokenizer(PROBE, add_special_tokens=False).input_ids
     if served != own:
-        raise ValueError(f"the teacher served at {url} tokenizes differently from the student {student} "
+        raise UserError(f"the teacher served at {url} tokenizes differently from the student {student} "
                          f"({len(served)} vs {len(own)} ids for one probe text), so its log-probs would describe "
                          "other tokens. Distil across tokenizers with the onpolicy stage and a local teacher "
                          "(TRL's GOLD trainer, ULD loss; lmbda: 0 trains off-policy on traces)")
@@ -58,7 +59,7 @@ def topk_rows(teacher: Any, sequences: list[list[int]], k: int) -> list[dict[str
     for logprobs, ids in zip(result["logprobs"], result["logprob_token_ids"], strict=True):
         logprobs = torch.tensor(logprobs, dtype=torch.float64).reshape(-1, k)
         if torch.isinf(logprobs).any():  # TRL pads a short answer with -inf at id 0: a duplicate id
-            raise ValueError(f"the teacher server returned fewer than {k} log-probs at some position: lower the "
+            raise UserError(f"the teacher server returned fewer than {k} log-probs at some position: lower the "
                              "top-k to at most the teacher's vocabulary")
         top_mass = torch.logsumexp(logprobs, dim=-1)
         rest = (-torch.expm1(top_mass)).clamp_min(0).log()  # 1 - sum(top-k), from the server's values

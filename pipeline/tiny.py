@@ -4,13 +4,17 @@ The tokenizer is byte-level with no merges (any text encodes, nothing to train),
 ChatML special tokens and <think>/</think>. Models are random Qwen2 or Llama with head size
 64, the smallest head vLLM's CPU attention kernel accepts.
 
-    python -m pipeline.tiny OUT_DIR [--arch qwen2|llama] [--hidden 128] [--layers 2] [--intermediate N] [--heads N]
+    python -m pipeline tiny --output_dir DIR [--arch qwen2|llama] [--hidden_size 128] [--num_layers 2] ...
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
+
+from pipeline.config import setting
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -94,13 +98,33 @@ def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128
     return out_dir
 
 
+@dataclass
+class TinyConfig:
+    output_dir: str | None = setting(None, "where the model and tokenizer are saved")
+    arch: Literal["qwen2", "llama"] = setting("qwen2", "model class")
+    hidden_size: int = setting(128, "width; heads are hidden_size / 64 unless num_heads is set")
+    num_layers: int = setting(2, "decoder layers")
+    intermediate_size: int | None = setting(None, "MLP size (unset: 4 x hidden_size)")
+    num_heads: int | None = setting(None, "attention heads of size 64 (llama only may differ from hidden_size / 64)")
+    seed: int = setting(0, "torch seed of the random init")
+    RENAMED: ClassVar[dict[str, str]] = {"hidden": "hidden_size", "layers": "num_layers",
+                                         "intermediate": "intermediate_size", "heads": "num_heads"}
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir is not set: where the model goes (--output_dir DIR)")
+
+
+def main(cfg: TinyConfig) -> Path:
+    import logging
+
+    out = build_model(cfg.output_dir, cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.intermediate_size,
+                      seed=cfg.seed, num_heads=cfg.num_heads)
+    logging.getLogger(__name__).info(f"saved {out}")
+    return out
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("out_dir")
-    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 x hidden)")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads of size 64 (default hidden / 64)")
-    args = parser.parse_args()
-    print(build_model(args.out_dir, args.arch, args.hidden, args.layers, args.intermediate, num_heads=args.heads))
+    from pipeline.cli import main as cli
+
+    cli(["tiny", *sys.argv[1:]])

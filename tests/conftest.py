@@ -36,7 +36,8 @@ def tiny_engine(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
     from pipeline.generate import GenerateConfig
 
     engine = build_engine(GenerateConfig(model=str(tiny_qwen), max_model_len=512, dtype="float32", enforce_eager=True,
-                                         output_dir=str(tmp_path_factory.mktemp("engine"))))
+                                         output_dir=str(tmp_path_factory.mktemp("engine")),
+                                         prompt_set="prompts/arithmetic"))
     yield engine
     shutdown(engine)
 

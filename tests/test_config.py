@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.__main__ import STAGES
-from pipeline.config import ConfigError, load_config, parse_cli, save_config
+from pipeline.cli import COMMANDS
+from pipeline.config import UserError, load_config, parse_cli, save_config
 from pipeline.generate import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,7 @@ def config_class(path: Path) -> type:
     import importlib
 
     stage = "study" if path.parent.name == "studies" else path.stem.split("-")[0].split("_")[0]
-    module, name = {"teacher": ("pipeline.teacher", "TeacherConfig"),
-                    "study": ("pipeline.study", "StudyConfig")}.get(stage) or STAGES[stage]
+    module, name, _ = COMMANDS[stage]
     return getattr(importlib.import_module(module), name)
 
 
@@ -51,12 +50,12 @@ def test_cli_overrides_are_typed(tmp_path: Path) -> None:
 def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("temperature: [0.6]\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'temperature' in .*bad.yaml.*'temperatures'"):
+    with pytest.raises(UserError, match=r"unknown config key 'temperature' in .*bad.yaml.*'temperatures'"):
         load_config(GenerateConfig, bad)
 
 
 def test_prefix_of_a_key_is_not_accepted() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'num' in the command line"):
+    with pytest.raises(UserError, match=r"unknown config key 'num' in the command line"):
         load_config(GenerateConfig, None, {"num": "3"})
 
 
@@ -69,12 +68,14 @@ def test_prefix_of_a_key_is_not_accepted() -> None:
     ("template", "no placeholder", r"template must contain \{prompt\}"),
 ])
 def test_bad_value_names_key_and_accepted(key: str, value: str, expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(UserError, match=expected):
         load_config(GenerateConfig, None, {key: value})
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(GenerateConfig, None, {"temperatures": "0.5,0.9", "max_prompts": "7"})
+    cfg = load_config(GenerateConfig, None, {"temperatures": "0.5,0.9", "max_prompts": "7",
+                                             "output_dir": "runs/demo/traces", "model": "prompts/arithmetic/teacher",
+                                             "prompt_set": "prompts/arithmetic"})
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(GenerateConfig, tmp_path / "config.yaml") == cfg
 
@@ -91,7 +92,8 @@ def test_yaml_1_1_traps_are_avoided(tmp_path: Path) -> None:
     from pipeline.sft import SFTStageConfig
 
     path = tmp_path / "sft.yaml"
-    path.write_text("save_strategy: no\nlearning_rate: 1e-5\nuse_cpu: true\nbf16: false\n")
+    path.write_text("save_strategy: no\nlearning_rate: 1e-5\nuse_cpu: true\nbf16: false\n"
+                    "output_dir: runs/demo/student-sft\nmodel: runs/demo/student-init\ndataset: runs/demo/traces\n")
     cfg = load_config(SFTStageConfig, path, {"lr_scheduler_type": "constant", "weight_decay": "1e-2"})
     assert cfg.save_strategy == "no" and cfg.learning_rate == 1e-5 and cfg.weight_decay == 0.01
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from pipeline.curate import CurateConfig, filter_traces, ngrams, contamination_index, score_dataset, score_one
+from pipeline.generate import FREE_KEYS, GenerateConfig
+from pipeline.rundir import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"pattern": r"ANSWER:\s*(\w+)", "tolerance": 1e-6, "choices": "ABCDE", "timeout": 5}
@@ -119,13 +121,27 @@ def test_curate_stage_alone_rescoring_an_existing_traces_dir(tmp_path: Path) -> 
     for r, ref in zip(rows, ("4", "6")):
         r.update(reference_answer=ref, prompt=[{"role": "user", "content": r["problem"]}])
         del r["verdict"], r["correct"]
+    # A finished generate run's record, as the generate stage leaves it (pipeline/rundir.py).
+    made = GenerateConfig(output_dir=str(out), model="teacher", prompt_set=str(ROOT / "prompts/arithmetic"),
+                          export=["jsonl"])
+    open_run(made, "generate", {}, FREE_KEYS).finish()
     datasets.Dataset.from_list(rows).save_to_disk(str(out / "samples"))
-    (out / "config.yaml").write_text(yaml.safe_dump({"prompt_set": str(ROOT / "prompts/arithmetic"), "export": ["jsonl"]}))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "curate", "--output_dir", str(out),
-                             "--keep_correct_only", "--score_workers", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    def curate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", "curate", "--output_dir", str(out),
+                               "--score_workers", "1", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    result = curate("--keep_correct_only")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "keep_correct_only" in result.stdout
+    assert yaml.safe_load((out / "curate.config.yaml").read_text())["keep_correct_only"] is True
+    assert json.loads((out / "curate.run.json").read_text())["status"] == "complete"
+    assert "curated by this config already" in curate("--keep_correct_only").stdout
+    refused = curate()  # keep_correct_only back to false: another curated/
+    assert refused.returncode == 2 and "keep_correct_only: True -> False" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert datasets.load_from_disk(str(out / "curated"))["prompt_id"] == ["a"]  # untouched
+    assert curate("--keep_correct_only", "--overwrite").returncode == 0  # again, into generate's dir: samples kept
     report = json.loads((out / "curation.json").read_text())
     assert report["scorer"] == "math" and report["samples_out"] == 1 and report["verdicts"] == {"correct": 1, "wrong": 1}
     assert datasets.load_from_disk(str(out / "curated"))["prompt_id"] == ["a"]

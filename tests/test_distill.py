@@ -232,7 +232,7 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, t
     first = out / "generation-1"
     assert (first / "model.safetensors").is_file() and logged(first, "loss") and not logged(first, "kd_loss")
     assert len(logged(out, "kd_loss")) == 2
-    assert yaml.safe_load((out / "stage_config.yaml").read_text())["teacher"] == str(first)
+    assert yaml.safe_load((out / "config.yaml").read_text())["teacher"] == str(first)
     main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2, generations=2))  # a rerun trains nothing again
     assert f"{first}: trained already" in capsys.readouterr().out
 
@@ -249,4 +249,6 @@ def test_method_keys_that_cannot_work_are_refused(tmp_path: Path, overrides: dic
     from pipeline.sft import SFTStageConfig
 
     with pytest.raises(ValueError, match=message):
-        load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False, **overrides})
+        load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False,
+                                           "model": "runs/demo/student-init", "dataset": "runs/demo/traces",
+                                           **overrides})

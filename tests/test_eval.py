@@ -204,7 +204,8 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, cha
     (tmp_path / "noanswer.jsonl").write_text('{"id": "a", "prompt": "What is 1+1?"}\n')
     paths = {"EMPTY": str(tmp_path / "empty.jsonl"), "NOANSWER": str(tmp_path / "noanswer.jsonl")}
     change = {k: paths.get(v, v) for k, v in change.items()}
-    overrides = {"models": f"qwen={tiny_qwen}", "output_dir": str(tmp_path / "out"), **change}
+    overrides = {"models": f"qwen={tiny_qwen}", "output_dir": str(tmp_path / "out"), "prompt_set": "prompts/arithmetic",
+                 **change}
     if "prompt_set" in change:
         overrides["split"] = "train"
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
@@ -213,11 +214,12 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, cha
 
 def test_vllm_backend_refuses_accelerate_processes(tmp_path: Path, tiny_qwen: Path, monkeypatch) -> None:
     """Under `accelerate launch` every process would sample every prompt into the same files."""
-    from pipeline.config import ConfigError
+    from pipeline.config import UserError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_config(EvalConfig, None, {"models": f"qwen={tiny_qwen}", "output_dir": str(tmp_path / "out")})
-    with pytest.raises(ConfigError, match="--data_parallel_size N"):
+    cfg = load_config(EvalConfig, None, {"models": f"qwen={tiny_qwen}", "output_dir": str(tmp_path / "out"),
+                                         "prompt_set": "prompts/arithmetic"})
+    with pytest.raises(UserError, match="--data_parallel_size N"):
         main(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -308,7 +310,8 @@ def test_an_ensemble_of_different_tokenizers_is_refused(tmp_path: Path, tiny_qwe
 
     other = build_model(tmp_path / "other", arch="llama", hidden_size=64, num_layers=1,
                         tokenizer=build_tokenizer(merges_from=["What is 12 + 34? Think step by step."] * 4))
-    values = {"models": f"ens={tiny_qwen}+{other}", "output_dir": str(tmp_path / "out")}
+    values = {"models": f"ens={tiny_qwen}+{other}", "output_dir": str(tmp_path / "out"),
+              "prompt_set": "prompts/arithmetic"}
     with pytest.raises(ValueError, match=f"ensemble members {re.escape(str(tiny_qwen))} and {re.escape(str(other))} "
                                          "have different tokenizers"):
         main(load_config(EvalConfig, None, values))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import UserError, load_config
 from pipeline.generate import GenerateConfig, generate, sample_seed, split_think
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_over_long_prompt_is_skipped_and_reported(tmp_path: Path, tiny_qwen: Pat
 
 def test_different_config_is_refused_unless_overwrite(tmp_path: Path, tiny_qwen: Path, llm) -> None:
     generate(config(tmp_path, tiny_qwen, max_prompts=1), llm)
-    with pytest.raises(ConfigError, match=r"different config \(temperatures: \[0.6, 1.0\] -> \[0.7\]\).*--overwrite"):
+    with pytest.raises(UserError, match=r"different config \(temperatures: \[0.6, 1.0\] -> \[0.7\]\).*--overwrite"):
         generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7]), llm)
     ds = generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7], overwrite=True), llm)
     assert set(ds["temperature"]) == {0.7}
@@ -240,16 +240,18 @@ def test_resume_allows_edits_that_do_not_change_the_samples(tmp_path: Path, tiny
     summary = json.loads((tmp_path / "traces" / "summary.json").read_text())
     assert summary["samples_reused_from_disk"] == summary["samples"] == 4
     for changed in ({"dtype": "bfloat16"}, {"max_model_len": 256}, {"top_p": 0.9}, {"tensor_parallel_size": 2}):
-        with pytest.raises(ConfigError, match=f"different config \\({next(iter(changed))}: "):
+        with pytest.raises(UserError, match=f"different config \\({next(iter(changed))}: "):
             generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational, **changed), llm)
 
 
 def test_overwrite_is_refused_in_a_config_file(tmp_path: Path) -> None:
     path = tmp_path / "generate.yaml"
     path.write_text("output_dir: x\noverwrite: true\n")
-    with pytest.raises(ConfigError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command line"):
+    with pytest.raises(UserError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command line"):
         load_config(GenerateConfig, path)
-    assert load_config(GenerateConfig, None, {"overwrite": "true"}).overwrite
+    assert load_config(GenerateConfig, None, {"overwrite": "true", "output_dir": "runs/demo/traces",
+                                              "model": "prompts/arithmetic/teacher",
+                                              "prompt_set": "prompts/arithmetic"}).overwrite
 
 
 def test_requests_enter_the_engine_through_a_bounded_window(tmp_path: Path, tiny_qwen: Path, llm,

@@ -78,7 +78,7 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
         assert (demo / "traces" / path).exists(), path
 
     make(clone, "sft", "ARGS=--max_steps 4 --save_strategy no")
-    for path in ("student-init/config.json", "student-sft/model.safetensors", "student-sft/stage_config.yaml"):
+    for path in ("student-init/config.json", "student-sft/model.safetensors", "student-sft/config.yaml"):
         assert (demo / path).is_file(), path
 
     # ARGS used to reach the sub-make that built the traces, so they went to runs/x.

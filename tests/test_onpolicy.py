@@ -41,7 +41,7 @@ def history(out: Path, key: str = "loss") -> list[float]:
 
 def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
     out = main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen))
-    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "README.md", "stage_config.yaml"):
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "README.md", "config.yaml"):
         assert (out / name).is_file(), name
     assert "generalized JSD (beta=1.0" in (out / "README.md").read_text()
     summary = json.loads((out / "train_summary.json").read_text())
@@ -71,17 +71,17 @@ def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_l
 
 
 def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
-    from pipeline.config import ConfigError
+    from pipeline.config import UserError
     from pipeline.onpolicy import build_trainer
 
-    with pytest.raises(ConfigError, match="name one teacher"):
+    with pytest.raises(UserError, match="name one teacher"):
         onpolicy_config(tmp_path, tiny_llama, tiny_qwen, teacher_server="http://127.0.0.1:9")
-    with pytest.raises(ConfigError, match="needs lmbda: 1 and temperature: 1.0"):
+    with pytest.raises(UserError, match="needs lmbda: 1 and temperature: 1.0"):
         onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9", temperature=0.7)
     with pytest.raises(ConnectionError, match="http://127.0.0.1:9 does not answer"):
         build_trainer(onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9"))
     with pytest.raises(ValueError, match="sft stage's online KD"):  # shared tokenizer: off-policy is sft's
-        build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, traces=str(tmp_path)))
+        build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, dataset=str(tmp_path)))
     assert not (tmp_path / "student").exists()
 
 
@@ -151,7 +151,7 @@ def test_served_teacher_equals_the_local_one_at_full_top_k(tmp_path: Path, unpad
     common = dict(max_steps=1, beta=0.0, learning_rate=0.0)
     local = main(onpolicy_config(tmp_path / "local", tiny_llama, tiny_qwen, **common))
     served = main(onpolicy_config(tmp_path / "served", tiny_llama, None, teacher_server=teacher_server,
-                                  server_top_k=vocab, **common))
+                                  teacher_server_top_k=vocab, **common))
     assert history(served) == [pytest.approx(history(local)[0], rel=1e-3)]
     assert f"forward KL over the teacher's top-{vocab} ids" in (served / "README.md").read_text()
     summary = json.loads((served / "train_summary.json").read_text())
@@ -242,7 +242,7 @@ def test_distillation_across_tokenizers_on_and_off_policy(tmp_path: Path, tiny_l
                        for i in range(8)]).save_to_disk(str(traces))
     for lmbda in (0.0, 1.0):  # off-policy on the traces, scored live; on-policy on the prompt set
         out = main(onpolicy_config(tmp_path / f"lmbda-{lmbda}", tiny_llama, other_teacher, lmbda=lmbda,
-                                   traces=str(traces), gold={"max_length": 256}))
+                                   dataset=str(traces), gold={"max_length": 256}))
         losses = history(out)
         assert len(losses) == 2 and all(0 < x < 10 for x in losses), losses
         assert f"GOLD/ULD across tokenizers, lmbda={lmbda}" in (out / "README.md").read_text()
@@ -257,6 +257,7 @@ def test_plain_kd_refuses_another_tokenizer_and_points_to_gold(tmp_path: Path, t
     from pipeline.sft import SFTStageConfig
 
     cfg = load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "model": str(tiny_llama), "kd": "online",
-                                             "teacher": str(other_teacher), "use_cpu": True, "bf16": False})
+                                             "teacher": str(other_teacher), "use_cpu": True, "bf16": False,
+                                             "dataset": "runs/demo/traces"})
     with pytest.raises(ValueError, match="make onpolicy"):
         teachers.load([cfg.teacher], AutoTokenizer.from_pretrained(tiny_llama), cfg.model, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prompts import PromptSetError, PromptSource, load_prompts
+from pipeline.prompts import UserError, PromptSource, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"qid": "a", "question": "What is 1+1?", "gold": "2", "sys": "Be brief."},
@@ -89,23 +89,23 @@ def test_ids_are_made_up_when_absent_and_defaults_found(tmp_path: Path) -> None:
 def test_bad_prompt_files_name_file_and_row_or_column(tmp_path: Path, rows, src_kwargs, expected) -> None:
     require = src_kwargs.pop("__require", False)
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(PromptSetError, match=expected):
+    with pytest.raises(UserError, match=expected):
         load_prompts(PromptSource(prompt_set=str(path), **src_kwargs), require_answers=require)
 
 
 def test_missing_file_split_and_bad_json(tmp_path: Path) -> None:
-    with pytest.raises(PromptSetError, match=r"prompt file .*nope\.jsonl does not exist"):
+    with pytest.raises(UserError, match=r"prompt file .*nope\.jsonl does not exist"):
         load_prompts(PromptSource(prompt_set=str(tmp_path / "nope.jsonl")))
-    with pytest.raises(PromptSetError, match=r"set\.yaml: no split 'validation'; it has train, test"):
+    with pytest.raises(UserError, match=r"set\.yaml: no split 'validation'; it has train, test"):
         load_prompts(PromptSource(prompt_set=str(ROOT / "prompts/arithmetic"), split="validation"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    with pytest.raises(PromptSetError, match=r"bad\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl, line 2: not valid JSON"):
         load_prompts(PromptSource(prompt_set=str(tmp_path / "bad.jsonl")))
-    with pytest.raises(PromptSetError, match=r"prompt set .*missing-dir does not exist"):
+    with pytest.raises(UserError, match=r"prompt set .*missing-dir does not exist"):
         load_prompts(PromptSource(prompt_set=str(tmp_path / "missing-dir")))
 
 
 def test_hub_id_is_tried_and_its_failure_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the error must still say what was tried
-    with pytest.raises(PromptSetError, match=r"could not load hub dataset some-org/some-set split 'train'"):
+    with pytest.raises(UserError, match=r"could not load hub dataset some-org/some-set split 'train'"):
         load_prompts(PromptSource(prompt_set="some-org/some-set"))

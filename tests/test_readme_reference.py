@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.__main__ import STAGES
+from pipeline.cli import COMMANDS, STAGES
 from pipeline.config import parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = {**STAGES, "teacher": ("pipeline.teacher", "TeacherConfig"), "study": ("pipeline.study", "StudyConfig")}
+CLASSES = {name: COMMANDS[name][:2] for name in (*STAGES, "teacher", "study")}
 SECTIONS = {"generate": ["generate"], "curate": ["generate"], "sft": ["sft"], "eval": ["eval", "generate"],
             "onpolicy": ["onpolicy", "sft", "generate"],
             "teacher": ["teacher", "sft", "generate"], "study": ["study"], "shrink": ["shrink", "generate"]}

@@ -143,7 +143,8 @@ def stand_in_job(cfg: GenerateConfig, share: list[str], llm) -> object:
 
 
 def test_a_replica_with_no_work_or_a_failing_one_does_not_hang_the_others() -> None:
-    cfg = GenerateConfig(data_parallel_size=2)
+    cfg = GenerateConfig(data_parallel_size=2, output_dir="runs/demo/traces", model="prompts/arithmetic/teacher",
+                         prompt_set="prompts/arithmetic")
     got: list = []
     assert run_replicas(cfg, stand_in_job, [["a", "b"], []], lambda r, item: got.append((r, item))) == [2, 0]
     assert got == [(0, "a"), (0, "b")]

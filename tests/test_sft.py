@@ -44,7 +44,7 @@ def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Pat
     assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
     card = (out / "README.md").read_text()
     assert str(tiny_qwen) in card and str(traces) in card
-    assert yaml.safe_load((out / "stage_config.yaml").read_text())["dataset"] == str(traces)
+    assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == str(traces)
     summary = json.loads((out / "train_summary.json").read_text())
     data = load_traces(str(traces), "train")
     assert summary["samples"] == len(data) and summary["prompts"] == len(set(data["prompt_id"]))

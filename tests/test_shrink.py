@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import UserError, load_config
 from pipeline.shrink import ShrinkConfig, block_influence, every_kth_layers, most_important_layers, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_every_kth_spacing() -> None:
             kept = every_kth_layers(total, keep)
             assert kept[0] == 0 and kept[-1] == total - 1 and kept == sorted(set(kept)) and len(kept) == keep
     assert most_important_layers([0.5, 0.1, 0.9, 0.1, 0.7], 3) == [0, 2, 4]
-    with pytest.raises(ConfigError, match=r"num_layers 4: the teacher has 4 decoder layers; set num_layers between 1 "
+    with pytest.raises(UserError, match=r"num_layers 4: the teacher has 4 decoder layers; set num_layers between 1 "
                                           r"and 3"):
         every_kth_layers(4, 4)
 
@@ -113,7 +113,9 @@ def test_importance_drops_an_idle_layer_first(tmp_path: Path) -> None:
     assert report["calibration"]["prompts"] == 6 and report["calibration"]["format"] == "chat_template"
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    prompts = [p for p in load_prompts(load_config(ShrinkConfig, None, SUMS)).prompts
+    calibration = load_config(ShrinkConfig, None, {**SUMS, "teacher": "prompts/sums/teacher",
+                                                   "output_dir": "runs/demo/student-shrunk"})
+    prompts = [p for p in load_prompts(calibration).prompts
                if p.id in report["calibration"]["prompt_ids"]]
     texts = [render(tokenizer, p) for p in prompts]
     cos_sums, tokens = torch.zeros(4, dtype=torch.float64), 0
@@ -142,7 +144,7 @@ def test_vllm_samples_the_student_as_transformers_does(students: dict, tmp_path:
 
     out = students["qwen2"]
     engine = build_engine(GenerateConfig(model=str(out), max_model_len=256, dtype="float32", enforce_eager=True,
-                                         output_dir=str(tmp_path / "engine")))
+                                         output_dir=str(tmp_path / "engine"), prompt_set="prompts/arithmetic"))
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in ("What is 3 + 4?", "Hi")]
@@ -166,7 +168,7 @@ def test_rerun_reuses_and_another_config_is_refused(teachers: dict, students: di
     cfg = ShrinkConfig(teacher=str(teachers["llama"]), output_dir=str(out), num_layers=3, method="every_kth", **SUMS)
     weights = (out / "model.safetensors").stat().st_mtime_ns
     assert shrink(cfg) == out and (out / "model.safetensors").stat().st_mtime_ns == weights
-    with pytest.raises(ConfigError, match=r"holds a student made with a different config \(num_layers: 3 -> 2\)"
+    with pytest.raises(UserError, match=r"holds a student made with a different config \(num_layers: 3 -> 2\)"
                                           r".*--overwrite"):
         shrink(ShrinkConfig(**{**vars(cfg), "num_layers": 2}))
     assert (out / "model.safetensors").stat().st_mtime_ns == weights
@@ -174,25 +176,28 @@ def test_rerun_reuses_and_another_config_is_refused(teachers: dict, students: di
     assert json.loads((out / "shrink.json").read_text())["kept_layers"] == [0, 4]
     assert not out.with_name(out.name + ".tmp").exists() and not out.with_name(out.name + ".old").exists()
     (out / "stage_config.yaml").unlink()
-    with pytest.raises(ConfigError, match="was not made by the shrink stage"):
+    with pytest.raises(UserError, match="was not made by the shrink stage"):
         shrink(cfg)
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"num_layers must be at least 1.*got 0"):
+    with pytest.raises(UserError, match=r"num_layers must be at least 1.*got 0"):
         load_config(ShrinkConfig, None, {"num_layers": "0"})
-    with pytest.raises(ConfigError, match=r"'method'.*accepted values: every_kth, importance"):
+    with pytest.raises(UserError, match=r"'method'.*accepted values: every_kth, importance"):
         load_config(ShrinkConfig, None, {"method": "random"})
-    with pytest.raises(ConfigError, match=r"teacher '.*nowhere' is not a directory"):
-        shrink(ShrinkConfig(teacher=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out")))
+    with pytest.raises(UserError, match=r"teacher '.*nowhere' is not a directory"):
+        shrink(ShrinkConfig(teacher=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out"),
+                            prompt_set="prompts/sums"))
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2/config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                                                           "num_hidden_layers": 12}))
-    with pytest.raises(ConfigError, match=r"is a 'gpt2' model \(GPT2LMHeadModel\); shrink supports qwen2, llama"):
-        shrink(ShrinkConfig(teacher=str(tmp_path / "gpt2"), output_dir=str(tmp_path / "out")))
+    with pytest.raises(UserError, match=r"is a 'gpt2' model \(GPT2LMHeadModel\); shrink supports qwen2, llama"):
+        shrink(ShrinkConfig(teacher=str(tmp_path / "gpt2"), output_dir=str(tmp_path / "out"),
+                            prompt_set="prompts/sums"))
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ConfigError, match=r"is the teacher's dir"):
-        shrink(ShrinkConfig(teacher=str(ROOT / "prompts/sums/teacher"), output_dir=str(ROOT / "prompts/sums/teacher")))
+    with pytest.raises(UserError, match=r"is the teacher's dir"):
+        shrink(ShrinkConfig(teacher=str(ROOT / "prompts/sums/teacher"), output_dir=str(ROOT / "prompts/sums/teacher"),
+                            prompt_set="prompts/sums"))
 
 
 def test_cli_shrinks_the_shipped_teacher(tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ The shipped studies run for real, reduced, in tests/test_make.py."""
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.config import UserError, load_config
 from pipeline.study import Run, StudyConfig, cells, check_config, execute, load_study, paired_difference, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,8 @@ METHOD = {"values": {"SFT": {"sft.kd": "none"}, "KD": {"sft.kd": "online", "sft.
 
 
 def study(**kw) -> StudyConfig:
-    return StudyConfig(**{"stages": SUMS, "axes": {"T": TEMPERATURE, "method": METHOD}, "seeds": [0, 1], **kw})
+    return StudyConfig(**{"stages": SUMS, "axes": {"T": TEMPERATURE, "method": METHOD}, "seeds": [0, 1],
+                          "output_dir": "runs/studies/study", **kw})
 
 
 def test_axes_combine_as_a_product_with_seeds_and_runs_are_named_by_what_reaches_them() -> None:
@@ -37,14 +39,14 @@ def test_zipped_axes_advance_together() -> None:
     prompts = {"key": "generate.max_prompts", "values": [100, 200]}
     grid = cells(study(axes={"T": TEMPERATURE, "prompts": prompts}, zip=[["T", "prompts"]], seeds=[0]))
     assert [(c.labels["T"], c.labels["prompts"]) for c in grid] == [("0.5", "100"), ("1.0", "200")]
-    with pytest.raises(ConfigError, match="same number of values"):
+    with pytest.raises(UserError, match="same number of values"):
         cells(study(axes={"T": TEMPERATURE, "prompts": {**prompts, "values": [1, 2, 3]}}, zip=[["T", "prompts"]]))
 
 
 def test_a_key_set_by_two_axes_and_a_bad_key_are_refused() -> None:
-    with pytest.raises(ConfigError, match="generate.temperatures is set by two axes"):
+    with pytest.raises(UserError, match="generate.temperatures is set by two axes"):
         cells(study(axes={"T": TEMPERATURE, "again": {"key": "generate.temperatures", "values": [2.0]}}))
-    with pytest.raises(ConfigError, match="'temperature' is not stage.key"):
+    with pytest.raises(UserError, match="'temperature' is not stage.key"):
         cells(study(axes={"T": {"key": "temperature", "values": [1.0]}}))
     with pytest.raises(ValueError, match="stages must name base configs for sft and eval"):
         StudyConfig(stages={"sft": SUMS["sft"]})
@@ -65,17 +67,21 @@ def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
     assert models[0] == "teacher=prompts/sums/teacher" and len(models) == 9
 
 
-def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, caplog) -> None:
+    from pipeline import rundir, sft
+
     path = tmp_path / "configs/sft/x.yaml"
-    run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0, "use_cpu": True, "bf16": False}, path)
+    run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0, "use_cpu": True, "bf16": False,
+                           "model": "runs/demo/student-init", "dataset": "runs/demo/traces"}, path)
     check_config(run)  # writes the config the run starts with
-    Path(run.config["output_dir"]).mkdir(parents=True)  # ... and it ran
-    digest = __import__("hashlib").sha256(json.dumps(run.config, sort_keys=True).encode()).hexdigest()[:16]
-    path.with_suffix(".done").write_text(json.dumps({"config": digest, "seconds": 1.0}))
+    cfg = load_config(sft.SFTStageConfig, path)
+    rundir.open_run(cfg, "sft", sft.inputs(cfg), sft.FREE_KEYS).finish()  # ... and it ran to the end
+    caplog.set_level(logging.INFO, logger="pipeline")
     execute(run)  # would start `python -m pipeline sft` on a config without model or traces
-    assert "done, reused" in capsys.readouterr().out
+    assert "done, reused" in caplog.text
     run.config["seed"] = 1
-    with pytest.raises(ConfigError, match=r"delete .*students/x to run it"):
+    with pytest.raises(UserError, match=r"sft run x: output_dir .*students/x was made with other settings "
+                                        r"\(seed: 0 -> 1\).*--overwrite"):
         check_config(run)
 
 
@@ -99,19 +105,31 @@ def test_reduced_lays_its_keys_over_the_study(name: str) -> None:
     full, reduced = load_study(str(path), {}), load_study(str(path), {"reduced": "true"})
     assert reduced.output_dir == full.output_dir + "-reduced" and reduced.stages == full.stages
     assert set(reduced.axes) == set(full.axes)
-    assert {**full.common, **full.reduced["common"]} == reduced.common
+    assert {**full.common, **full.reduced_keys["common"]} == reduced.common
     assert len(cells(reduced)) < len(cells(full))
+    # The command line wins over the reduced section too.
+    assert load_study(str(path), {"reduced": "true", "output_dir": "elsewhere"}).output_dir == "elsewhere"
+
+
+def test_an_old_reduced_section_names_its_new_key(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text((ROOT / "configs/studies/temperature.yaml").read_text().replace("reduced_keys:", "reduced:"))
+    with pytest.raises(UserError, match="now `reduced_keys:`"):
+        load_study(str(path), {})
 
 
 def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from pipeline import rundir, sft
+
     cfg = study(output_dir=str(tmp_path), seeds=[0])
-    sft = next(r for r in plan(cfg, cells(cfg), tmp_path) if r.stage == "sft")
-    check_config(sft)  # writes the config the run will start with
-    Path(sft.config["output_dir"]).mkdir(parents=True)  # ... and it started (a killed run: checkpoints, no .done)
-    check_config(sft)  # the same config again: it resumes
-    sft.config["max_train_samples"] = 10
-    with pytest.raises(ConfigError, match="was started with another config"):
-        check_config(sft)  # it would resume the old run's checkpoints under the new config
+    run = next(r for r in plan(cfg, cells(cfg), tmp_path) if r.stage == "sft")
+    check_config(run)  # writes the config the run will start with
+    started = load_config(sft.SFTStageConfig, run.path)
+    rundir.open_run(started, "sft", sft.inputs(started), sft.FREE_KEYS)  # ... and it started: a killed run
+    check_config(run)  # the same config again: it resumes
+    run.config["max_train_samples"] = 10
+    with pytest.raises(UserError, match=r"max_train_samples: None -> 10"):
+        check_config(run)  # it would resume the old run's checkpoints under the new config
 
 
 def test_the_methods_study_chains_shrink_and_peers_and_runs_wait_for_what_they_read(tmp_path: Path) -> None:

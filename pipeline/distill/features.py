@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import UserError
+
 
 def layer_map(student_layers: int, teacher_layers: int, pairs: list[str] | None = None) -> list[tuple[int, int]]:
     """(student, teacher) hidden-state indices: "s:t" strings as given, or the even map."""
@@ -39,9 +41,9 @@ def layer_map(student_layers: int, teacher_layers: int, pairs: list[str] | None 
         try:
             s, t = (int(x) for x in pair.split(":"))
         except ValueError:
-            raise ValueError(f"feature_layers entry {pair!r} is not 'student:teacher' (two integers, e.g. '2:4')")
+            raise UserError(f"feature_layers entry {pair!r} is not 'student:teacher' (two integers, e.g. '2:4')")
         if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
-            raise ValueError(f"feature_layers entry {pair!r}: hidden-state indices run 0..{student_layers} for the "
+            raise UserError(f"feature_layers entry {pair!r}: hidden-state indices run 0..{student_layers} for the "
                              f"student and 0..{teacher_layers} for the teacher (0 is the embeddings)")
         out.append((s, t))
     return out

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pipeline.config import UserError
+
 
 def load(paths: list[str], student_tokenizer: Any, student: str, dtype: Any, trainable: bool = False) -> list[Any]:
     """The checkpoints at `paths`, frozen in evaluation mode (a peer: `trainable`), each refused
@@ -34,7 +36,7 @@ def load(paths: list[str], student_tokenizer: Any, student: str, dtype: Any, tra
     for path in paths:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.get_vocab() != student_tokenizer.get_vocab():
-            raise ValueError(f"teacher {path} and student {student} have different tokenizers "
+            raise UserError(f"teacher {path} and student {student} have different tokenizers "
                              f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); logit KD here needs a shared "
                              "one. Distil across tokenizers with `make onpolicy` (TRL's GOLD trainer, ULD loss): "
                              "lmbda: 0 trains off-policy on these traces scored by the live teacher, lmbda: 1 on-policy")
