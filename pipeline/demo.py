@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pipeline.config import setting
+from pipeline.config import UserError, setting
 from pipeline.tiny import build_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ def main(cfg: DemoConfig) -> dict[str, float]:
     for name, stage, args in stages(out, quick):
         log.info(f"\n==> {name}: python -m pipeline {stage} {' '.join(args)}")
         t = time.time()
-        subprocess.run([sys.executable, "-m", "pipeline", stage, *args], check=True)
+        sys.stdout.flush()
+        code = subprocess.run([sys.executable, "-m", "pipeline", stage, *args]).returncode
+        if code:
+            raise UserError(f"demo step {name} failed (exit status {code}; its error is above): fix it and run the "
+                            "demo again, finished steps are reused")
         timings[name] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - start, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")

@@ -15,6 +15,7 @@ A start finds one of:
 - a record whose result keys or inputs differ: refused before any work, in one line naming each
   change with its old and new value;
 - files but no record (made before this contract, or by something else): refused;
+- a record of a run that stopped before it wrote anything else: a new run;
 and `--overwrite` on the command line deletes what is there and starts again.
 
 Result keys are all config keys but the stage's `free` ones, which change how fast or how
@@ -129,6 +130,8 @@ def check_unchanged(cfg: Any, stage: str, free: Iterable[str] = (), *, output_di
     record_path = files(out)[0]
     if record_path.is_file():
         record = json.loads(record_path.read_text())
+        if record.get("status") == "running" and not _work_in(out):
+            return  # it stopped before making anything: it starts as asked
         wanted = {"stage": stage, "config": result_keys(cfg, free), "inputs": record.get("inputs", {})}
         changes = _changes(record, wanted, set(free), compare_derived=False)
         if changes:
@@ -164,7 +167,9 @@ def _start(out: Path, record_path: Path, wanted: dict[str, Any], free: set[str],
     out.mkdir(parents=True, exist_ok=True)
     _lock(lock)
     saved = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if saved is None and name == "run" and any(p.name != lock.name for p in out.iterdir()):
+    if saved is not None and saved.get("status") == "running" and name == "run" and not _work_in(out):
+        saved = None  # it stopped before making anything (a bad input, say): start it as asked now
+    if saved is None and name == "run" and _work_in(out):
         _release(lock)
         raise UserError(f"output_dir {out} holds files but no {record_path.name}: it was made before runs were "
                         "recorded, or by something else; pick another output_dir, or pass --overwrite on the "
@@ -189,6 +194,11 @@ def _start(out: Path, record_path: Path, wanted: dict[str, Any], free: set[str],
     _write_json(record_path, record)
     record["_started"] = time.time()
     return record
+
+
+def _work_in(out: Path) -> bool:
+    """Whether a run left anything in `out` besides its record, config and lock."""
+    return any(p.name not in {f.name for f in files(out)} for p in out.iterdir())
 
 
 def _changes(saved: dict[str, Any], wanted: dict[str, Any], free: set[str], compare_derived: bool = True) -> list[str]:
@@ -295,8 +305,9 @@ def fingerprint(source: str | Path | None) -> str | None:
     """What a model, traces or prompt set is, for the record: a hub id stands for itself; a local
     file or directory is the hash of its files' names and contents (a file over 16 MB: its size
     and mtime, as hashing gigabytes of weights on every run would cost more than it saves). Left
-    out: README.md (eval may write scores there), run records and locks, dot-files and caches,
-    and checkpoint-* folders (a training run's intermediate states)."""
+    out: README.md (eval may write scores there), run records and locks, dot-files, the cache
+    files `datasets` writes beside a dataset it maps, and checkpoint-* folders (a training run's
+    intermediate states)."""
     if source is None:
         return None
     path = Path(source)
@@ -316,9 +327,10 @@ def fingerprint(source: str | Path | None) -> str | None:
 
 
 def _skipped(relative: Path) -> bool:
-    parts = relative.parts
-    return (relative.name in UNFINGERPRINTED or relative.name.endswith(("run.json", ".tmp"))
-            or any(p.startswith(".") or p.startswith("checkpoint-") for p in parts))
+    name = relative.name
+    cache = name.startswith("cache-") and name.endswith(".arrow")  # `datasets` writes a reader's map() beside the data
+    return (name in UNFINGERPRINTED or name.endswith(("run.json", ".tmp")) or cache
+            or any(p.startswith(".") or p.startswith("checkpoint-") for p in relative.parts))
 
 
 def prompt_set_fingerprint(prompt_set: str | None) -> str | None:

@@ -4,6 +4,7 @@ configuration of the sft stage with real TRL training on tiny local models."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -162,16 +163,18 @@ def logged(out: Path, key: str) -> list[float]:
 
 @pytest.mark.slow
 def test_feature_and_relational_kd_train_beside_the_logit_term_and_resume(tmp_path: Path, tiny_qwen: Path,
-                                                                          tiny_llama: Path, traces: Path, capsys) -> None:
+                                                                          tiny_llama: Path, traces: Path, caplog,
+                                                                          monkeypatch) -> None:
     from safetensors.torch import load_file
-    from test_sft import sft_config
+    from test_sft import killed_after_the_first_checkpoint, sft_config
 
     from pipeline.sft import main
 
     cfg = dict(kd="online", teacher=str(tiny_llama), feature_kd=True, relation_kd=True, per_device_train_batch_size=4)
-    main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2, **cfg))
+    killed_after_the_first_checkpoint(sft_config(tmp_path, tiny_qwen, traces, max_steps=4, **cfg), monkeypatch)
+    caplog.set_level(logging.INFO, logger="pipeline")
     out = main(sft_config(tmp_path, tiny_qwen, traces, max_steps=4, **cfg))
-    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
     terms = {k: logged(out, k) for k in ("loss", "ce_loss", "kd_loss", "feature_loss", "relation_distance_loss",
                                           "relation_angle_loss")}
     assert all(len(v) == 4 and all(x > 0 for x in v) for v in terms.values()), terms
@@ -221,7 +224,7 @@ def test_mutual_learning_trains_and_saves_both_students(tmp_path: Path, tiny_qwe
 
 @pytest.mark.slow
 def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, tiny_qwen: Path, traces: Path,
-                                                               capsys) -> None:
+                                                               caplog) -> None:
     import yaml
     from test_sft import sft_config
 
@@ -232,9 +235,11 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, t
     first = out / "generation-1"
     assert (first / "model.safetensors").is_file() and logged(first, "loss") and not logged(first, "kd_loss")
     assert len(logged(out, "kd_loss")) == 2
-    assert yaml.safe_load((out / "config.yaml").read_text())["teacher"] == str(first)
+    assert yaml.safe_load((out / "config.yaml").read_text())["generations"] == 2  # the run as it was asked for
+    assert json.loads((first / "run.json").read_text())["status"] == "complete"
+    caplog.set_level(logging.INFO, logger="pipeline")
     main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2, generations=2))  # a rerun trains nothing again
-    assert f"{first}: trained already" in capsys.readouterr().out
+    assert "trained by this config already" in caplog.text
 
 
 @pytest.mark.parametrize("overrides,message", [

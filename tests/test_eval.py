@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import re
 import shutil
 import subprocess
@@ -88,7 +88,7 @@ def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
     first = model_fingerprint(str(tmp_path))
     (tmp_path / "README.md").write_text("a model card changes nothing")
     assert model_fingerprint(str(tmp_path)) == first
-    os.utime(tmp_path / "model.safetensors", ns=(1, 1))  # rewritten in place: same name and size
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")  # retrained in place: same name and size
     assert model_fingerprint(str(tmp_path)) != first
     second = model_fingerprint(str(tmp_path))
     (tmp_path / "config.json").write_text('{"a": 1}')
@@ -96,26 +96,34 @@ def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_model_retrained_in_place_is_sampled_again(tmp_path: Path, tiny_qwen: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_model_retrained_in_place_is_refused_then_sampled_again_on_overwrite(tmp_path: Path, tiny_qwen: Path,
+                                                                              tiny_llama: Path, caplog) -> None:
+    from pipeline.config import UserError
     from pipeline.tiny import build_model
 
     model = shutil.copytree(tiny_qwen, tmp_path / "student")
     values = eval_values(tmp_path, [f"student={model}"], "transformers", "eval", max_prompts=2, num_samples=1,
                          max_tokens=8, temperature=1.0)
+    caplog.set_level(logging.INFO, logger="pipeline")
 
-    def run() -> tuple[str, list[str]]:
-        capsys.readouterr()
-        main(load_config(EvalConfig, None, values))
+    def run(**extra) -> list[str]:
+        caplog.clear()
+        main(load_config(EvalConfig, None, {**values, **extra}))
         rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").open()]
-        return capsys.readouterr().out, [r["completion"][0]["content"] for r in sorted(rows, key=str)]
+        return [r["completion"][0]["content"] for r in sorted(rows, key=str) if r["model"] == "student"]
 
-    _, before = run()
+    before = run()
+    # A model added: sampled; the other's samples are reused.
+    run(models=f"student={model},other={tiny_llama}")
+    assert "student: reusing" in caplog.text and "other: reusing" not in caplog.text
     build_model(model, seed=1)  # "retrained": new weights under the same path
-    out, after = run()
-    assert "reusing" not in out and after != before and len(after) == 2
-    out, again = run()
-    assert "student: reusing" in out and again == after
+    with pytest.raises(UserError, match=r"generations/student was made with other settings \(model \(its files "
+                                        r"changed\).*--overwrite"):
+        run()
+    after = run(overwrite=True)
+    assert "reusing" not in caplog.text and after != before and len(after) == 2
+    again = run()
+    assert "student: reusing" in caplog.text and again == after
 
 
 def eval_values(tmp_path: Path, models: list[str], backend: str, out: str, **extra) -> dict:
@@ -280,7 +288,7 @@ def test_an_ensemble_of_one_model_is_that_model(tmp_path: Path, tiny_qwen: Path)
 
 @pytest.mark.slow
 def test_an_ensemble_is_scored_and_its_samples_reused(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      caplog) -> None:
     """Sampled by its own loop under either backend (backend vllm starts no engine here), reused by a rerun."""
     values = eval_values(tmp_path, [f"ens={tiny_qwen}+{tiny_llama}"], "vllm", "eval", max_prompts=2, max_tokens=8)
     report = main(load_config(EvalConfig, None, values))
@@ -298,10 +306,9 @@ def test_an_ensemble_is_scored_and_its_samples_reused(tmp_path: Path, tiny_qwen:
 
     saved = tmp_path / "eval" / "generations" / "ens" / "samples"
     mtimes = {f: f.stat().st_mtime_ns for f in saved.iterdir()}
-    capsys.readouterr()
-    for backend in ("vllm", "transformers"):  # the same loop either way: no resampling
-        again = main(load_config(EvalConfig, None, {**values, "backend": backend}))
-        assert "ens: reusing" in capsys.readouterr().out and again["models"] == report["models"]
+    caplog.set_level(logging.INFO, logger="pipeline")
+    again = main(load_config(EvalConfig, None, values))
+    assert "ens: reusing" in caplog.text and again["models"] == report["models"]
     assert {f: f.stat().st_mtime_ns for f in saved.iterdir()} == mtimes
 
 
@@ -315,6 +322,6 @@ def test_an_ensemble_of_different_tokenizers_is_refused(tmp_path: Path, tiny_qwe
     with pytest.raises(ValueError, match=f"ensemble members {re.escape(str(tiny_qwen))} and {re.escape(str(other))} "
                                          "have different tokenizers"):
         main(load_config(EvalConfig, None, values))
-    with pytest.raises(FileNotFoundError, match="model ens: /nonexistent/b does not exist"):
+    with pytest.raises(ValueError, match="model ens: /nonexistent/b does not exist"):
         main(load_config(EvalConfig, None, {**values, "models": f"ens={tiny_qwen}+/nonexistent/b"}))
     assert not (tmp_path / "out").exists()  # refused before anything is written or sampled

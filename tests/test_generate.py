@@ -101,7 +101,7 @@ def test_over_long_prompt_is_skipped_and_reported(tmp_path: Path, tiny_qwen: Pat
 
 def test_different_config_is_refused_unless_overwrite(tmp_path: Path, tiny_qwen: Path, llm) -> None:
     generate(config(tmp_path, tiny_qwen, max_prompts=1), llm)
-    with pytest.raises(UserError, match=r"different config \(temperatures: \[0.6, 1.0\] -> \[0.7\]\).*--overwrite"):
+    with pytest.raises(UserError, match=r"other settings \(temperatures: \[0.6, 1.0\] -> \[0.7\]\).*--overwrite"):
         generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7]), llm)
     ds = generate(config(tmp_path, tiny_qwen, max_prompts=1, temperatures=[0.7], overwrite=True), llm)
     assert set(ds["temperature"]) == {0.7}
@@ -127,12 +127,15 @@ def test_resume_after_sigkill(tmp_path: Path, tiny_qwen: Path, llm) -> None:
     assert 2 <= finished < 24, f"the kill should land mid-run, found {finished} of 24 shards"
     assert not (tmp_path / "traces" / "samples").exists()
 
-    ds = generate(load_config(GenerateConfig, cfg_file), llm)
+    # The resume may change what only sets the pace (engine memory, shard size): it goes on.
+    ds = generate(load_config(GenerateConfig, cfg_file, {"gpu_memory_utilization": "0.2", "shard_size": "16"}), llm)
     keys = [(r["prompt_id"], r["temperature"], r["sample_index"]) for r in ds]
     assert len(keys) == len(set(keys)) == 48 * 2 * 2
     summary = json.loads((tmp_path / "traces" / "summary.json").read_text())
     assert summary["samples_reused_from_disk"] == finished * 8
     assert not list(shards.glob("*.tmp"))
+    record = json.loads((tmp_path / "traces" / "run.json").read_text())
+    assert record["status"] == "complete" and record["resumes"][0]["changed"]["shard_size"] == [8, 16]
 
 
 def test_bad_prompt_file_fails_before_the_engine_starts(tmp_path: Path) -> None:
@@ -232,15 +235,17 @@ def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm
         assert row["reasoning"] == content.removeprefix("<think>\n").strip()
 
 
-def test_resume_allows_edits_that_do_not_change_the_samples(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+def test_a_finished_run_is_reused_and_edits_that_would_change_it_are_refused(tmp_path: Path, tiny_qwen: Path,
+                                                                            llm) -> None:
     generate(config(tmp_path, tiny_qwen, max_prompts=1), llm)
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "traces").iterdir()}
     operational = dict(gpu_memory_utilization=0.2, enforce_eager=False, max_num_seqs=8, data_parallel_size=2,
                        shard_size=3, in_process=True)
-    generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational), llm)
-    summary = json.loads((tmp_path / "traces" / "summary.json").read_text())
-    assert summary["samples_reused_from_disk"] == summary["samples"] == 4
-    for changed in ({"dtype": "bfloat16"}, {"max_model_len": 256}, {"top_p": 0.9}, {"tensor_parallel_size": 2}):
-        with pytest.raises(UserError, match=f"different config \\({next(iter(changed))}: "):
+    assert len(generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational), llm)) == 4
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "traces").iterdir()} == made  # nothing rewritten
+    for changed in ({"dtype": "bfloat16"}, {"max_model_len": 256}, {"top_p": 0.9}, {"tensor_parallel_size": 2},
+                    {"keep_correct_only": True}):  # curation makes curated/: a result key too
+        with pytest.raises(UserError, match=f"other settings \\({next(iter(changed))}: "):
             generate(config(tmp_path, tiny_qwen, max_prompts=1, **operational, **changed), llm)
 
 

@@ -69,7 +69,7 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
     demo = clone / "runs/demo"
     # Before their inputs exist, sft and eval stop at once and name the command that makes them.
     assert_fails_naming(make(clone, "sft", ok=False), "runs/demo/traces does not exist", "make generate")
-    assert not (demo / "student-sft").exists()
+    assert not (demo / "student-sft" / "model.safetensors").exists()
     assert_fails_naming(make(clone, "eval", ok=False), "does not exist", "make sft")
     assert not (demo / "eval/report.json").exists()
 
@@ -113,7 +113,7 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
 
 
 def test_make_demo_quick_distilled_student_beats_the_untrained_one(clone: Path) -> None:
-    result = make(clone, "demo", "ARGS=--quick --out runs/quick")
+    result = make(clone, "demo", "ARGS=--quick --output_dir runs/quick")
     out = clone / "runs/quick"
     models = report(out / "eval/report.json")
     assert models["teacher"]["pass@1"] >= 0.9, models

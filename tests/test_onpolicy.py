@@ -5,6 +5,7 @@ TRL's GOLD trainer between two tokenizers that really differ."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -39,7 +40,15 @@ def history(out: Path, key: str = "loss") -> list[float]:
     return [h[key] for h in state["log_history"] if key in h]
 
 
-def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
+def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, monkeypatch,
+                                           caplog) -> None:
+    from test_sft import killed_after_the_first_checkpoint
+
+    from pipeline.config import UserError
+    from pipeline.onpolicy import StepTimes
+
+    # Killed after checkpoint-1 of 2, then started again: it resumes, and its counts go on from there.
+    killed_after_the_first_checkpoint(onpolicy_config(tmp_path, tiny_llama, tiny_qwen), monkeypatch, main, StepTimes)
     out = main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen))
     for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "README.md", "config.yaml"):
         assert (out / name).is_file(), name
@@ -48,11 +57,15 @@ def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny
     assert summary["steps"] == 2 and summary["samples"] == 8 and 0 < summary["completion_tokens"] <= 8 * 12
     assert summary["seconds"]["sampling"] > 0 and summary["seconds"]["scoring"] > 0
     assert abs(sum(summary["share_of_step"].values()) - 1) < 0.01
-    # A rerun with a larger budget resumes at checkpoint-2, and its counts go on from there.
-    main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, max_steps=3))
-    resumed = json.loads((out / "train_summary.json").read_text())
-    assert resumed["steps"] == 3 and resumed["samples"] == 12, resumed
-    assert len(history(out)) == 3
+    assert len(history(out)) == 2 and json.loads((out / "run.json").read_text())["resumes"]
+    # A finished run is reused; one with another learning rate or budget is refused, naming the key.
+    caplog.set_level(logging.INFO, logger="pipeline")
+    main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen))
+    assert "trained by this config already" in caplog.text
+    with pytest.raises(UserError, match=r"learning_rate: 0.001 -> 1e-05.*--overwrite"):
+        main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, learning_rate=1e-5))
+    with pytest.raises(UserError, match=r"max_steps: 2 -> 3"):
+        main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, max_steps=3))
 
 
 def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
@@ -63,9 +76,9 @@ def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_l
          "-m", "pipeline", "onpolicy", "--config", "configs/onpolicy.yaml", "--model", str(tiny_llama),
          "--teacher", str(tiny_qwen), "--output_dir", str(out), "--max_steps", "2",
          "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--save_strategy", "no",
-         "--max_prompts", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--max_prompts", "16", "--log_level", "all"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "process 1 of 2 (MULTI_CPU)" in result.stdout + result.stderr
+    assert "[rank 1] OnPolicyTrainer: process 1 of 2 (MULTI_CPU)" in result.stdout
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["samples"] == 2 * 2 * 2, summary  # steps x processes x batch
 
@@ -78,7 +91,7 @@ def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_q
         onpolicy_config(tmp_path, tiny_llama, tiny_qwen, teacher_server="http://127.0.0.1:9")
     with pytest.raises(UserError, match="needs lmbda: 1 and temperature: 1.0"):
         onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9", temperature=0.7)
-    with pytest.raises(ConnectionError, match="http://127.0.0.1:9 does not answer"):
+    with pytest.raises(UserError, match="http://127.0.0.1:9 does not answer"):
         build_trainer(onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9"))
     with pytest.raises(ValueError, match="sft stage's online KD"):  # shared tokenizer: off-policy is sft's
         build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, dataset=str(tmp_path)))

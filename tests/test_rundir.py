@@ -62,7 +62,8 @@ def test_a_changed_result_key_or_input_is_refused_in_one_line_and_nothing_is_tou
 
 def test_a_free_key_may_change_on_a_resume_and_the_record_says_so(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    open_run(toy(out), "toy", {}, FREE)  # never finished: a killed run
+    open_run(toy(out), "toy", {}, FREE)  # never finished: a killed run, which had made something
+    (out / "checkpoint-3").mkdir()
     run = open_run(toy(out, save_steps=5), "toy", {}, FREE)
     assert run.resumed and not run.complete
     record = json.loads((out / "run.json").read_text())
@@ -72,6 +73,7 @@ def test_a_free_key_may_change_on_a_resume_and_the_record_says_so(tmp_path: Path
 def test_the_global_batch_is_compared_instead_of_its_factors(tmp_path: Path) -> None:
     out = tmp_path / "run"
     open_run(toy(out), "toy", {}, FREE, derived={"global_batch": 8})
+    (out / "checkpoint-3").mkdir()
     open_run(toy(out), "toy", {}, FREE, derived={"global_batch": 8})
     with pytest.raises(UserError, match="global_batch: 8 -> 16"):
         open_run(toy(out), "toy", {}, FREE, derived={"global_batch": 16})
@@ -97,6 +99,7 @@ def test_a_second_run_into_one_directory_at_once_is_refused(tmp_path: Path) -> N
         from pipeline.rundir import open_run
         from pathlib import Path
         open_run(toy(Path({str(out)!r})), "toy", {{}}, FREE)
+        (Path({str(out)!r}) / "shards").mkdir()
         print("open", flush=True)
         time.sleep(60)
     """)
@@ -126,6 +129,14 @@ def test_fingerprints_follow_the_files_but_not_readme_or_checkpoints(tmp_path: P
     (model / "model.safetensors").write_bytes(b"retrained")
     assert fingerprint(model) != first
     assert fingerprint("Qwen/Qwen2.5-1.5B") == "Qwen/Qwen2.5-1.5B"  # a hub id stands for itself
+
+
+def test_a_run_that_stopped_before_making_anything_starts_as_asked(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    open_run(toy(out), "toy", {}, FREE)  # it failed on a bad input right after opening
+    check_unchanged(toy(out, learning_rate="1e-5"), "toy", FREE)
+    open_run(toy(out, learning_rate="1e-5"), "toy", {}, FREE)
+    assert json.loads((out / "run.json").read_text())["config"]["learning_rate"] == 1e-5
 
 
 def test_a_saved_config_yaml_is_what_was_asked(tmp_path: Path) -> None:

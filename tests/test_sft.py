@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -90,14 +91,67 @@ def test_eos_ends_every_sample_and_carries_loss(tmp_path: Path, tiny_qwen: Path,
         check_eos_trained(trainer, tokenizer)
 
 
-def test_resume_from_the_last_checkpoint(tmp_path: Path, tiny_qwen: Path, traces: Path, capsys) -> None:
-    main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2))
-    assert "resuming from" not in capsys.readouterr().out
-    out = main(sft_config(tmp_path, tiny_qwen, traces, max_steps=4))
-    assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+def killed_after_the_first_checkpoint(cfg: Any, monkeypatch: pytest.MonkeyPatch, stage: Any = main,
+                                      trainer: type | None = None) -> Path:
+    """Run a training stage as a process killed right after its first checkpoint would leave it
+    (`trainer`: the class whose _save_checkpoint writes it; transformers' Trainer by default)."""
+    from transformers import Trainer
+
+    trainer = trainer or Trainer
+    save = trainer._save_checkpoint
+
+    def killed(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            stage(cfg)
+    out = Path(cfg.output_dir)
+    (out / ".run.lock").unlink()  # a killed process leaves its lock behind; this one lives on: drop it
+    return out
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_on_two_processes(tmp_path: Path, tiny_qwen: Path,
+                                                                        traces: Path, monkeypatch) -> None:
+    out = killed_after_the_first_checkpoint(sft_config(tmp_path, tiny_qwen, traces, max_steps=4), monkeypatch)
+    # It resumes as 2 processes of 4 (the global batch stays 8), with another save_steps: both may change.
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "-m", "pipeline", "sft", "--config", str(out / "config.yaml"), "--save_steps", "3"]
+    refused = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 2 x 8: 16
+    assert refused.returncode != 0 and "global_batch: 8 -> 16" in refused.stderr, [
+        line for line in refused.stderr.splitlines() if "rror" in line]
+    resumed = subprocess.run(launch + ["--per_device_train_batch_size", "4"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in resumed.stdout
     steps = [h["step"] for h in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
              if "loss" in h]
     assert steps == [1, 2, 3, 4], "the second run continues at step 3, not from scratch"
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert record["resumes"][-1]["changed"] == {"per_device_train_batch_size": [8, 4], "save_steps": [2, 3]}
+
+
+def test_a_rerun_with_a_changed_learning_rate_is_refused_and_the_record_untouched(tmp_path: Path, tiny_qwen: Path,
+                                                                                 traces: Path) -> None:
+    """The rerun a user types (README), refused in one line before any work; a finished run is reused."""
+    out = tmp_path / "D"
+    command = [sys.executable, "-m", "pipeline", "sft", "--config", "configs/sft.yaml", "--model", str(tiny_qwen),
+               "--dataset", str(traces), "--output_dir", str(out), "--save_steps", "3"]
+    first = subprocess.run(command + ["--max_steps", "6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    made = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for extra, changed in ((["--max_steps", "6", "--learning_rate", "1e-5"], "learning_rate: 0.003 -> 1e-05"),
+                           (["--learning_rate", "1e-5", "--max_steps", "12"], "max_steps: 6 -> 12")):
+        refused = subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and changed in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == made
+    again = subprocess.run(command + ["--max_steps", "6", "--logging_steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "trained by this config already" in again.stdout, again.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == made
 
 
 def test_lora_trains_an_adapter(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
@@ -194,7 +248,8 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, tra
         from transformers import AutoTokenizer
 
         other = tmp_path / "teacher"
-        subprocess.run([sys.executable, "-m", "pipeline.tiny", str(other)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "pipeline", "tiny", "--output_dir", str(other)], check=True,
+                       capture_output=True)
         tokenizer = AutoTokenizer.from_pretrained(other)
         tokenizer.add_tokens(["<extra>"])
         tokenizer.save_pretrained(other)
@@ -232,7 +287,8 @@ def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen:
     for name, (processes, batch, accumulation) in LAYOUTS.items():
         launch = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
                    str(processes)] if processes > 1 else [sys.executable])
-        run = subprocess.run([*launch, "-m", "pipeline", "sft", *common, "--per_device_train_batch_size", str(batch),
+        run = subprocess.run([*launch, "-m", "pipeline", "sft", *common, "--log_level", "all",
+                              "--per_device_train_batch_size", str(batch),
                               "--gradient_accumulation_steps", str(accumulation), "--output_dir", str(tmp_path / name)],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -344,12 +400,14 @@ def test_two_machines_through_accelerate_multi_node_launch(tmp_path: Path, tiny_
     machines = [subprocess.Popen([accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
                                   str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                                   "--main_process_port", port, *common, "--per_device_train_batch_size", "2",
+                                  "--log_level", "all",
                                   "--output_dir", str(tmp_path / "two")],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for rank in (0, 1)]
     outputs = [m.communicate(timeout=600) for m in machines]
     assert all(m.returncode == 0 for m in machines), outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    assert "process 0 of 2 (MULTI_CPU)" in outputs[0][0] and "process 1 of 2 (MULTI_CPU)" in outputs[1][0]
+    assert "[rank 0] process 0 of 2 (MULTI_CPU)" in outputs[0][0]  # --log_level all: every rank logs
+    assert "[rank 1] process 1 of 2 (MULTI_CPU)" in outputs[1][0]
     one = subprocess.run([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir",
                           str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

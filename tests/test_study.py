@@ -126,6 +126,7 @@ def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_
     check_config(run)  # writes the config the run will start with
     started = load_config(sft.SFTStageConfig, run.path)
     rundir.open_run(started, "sft", sft.inputs(started), sft.FREE_KEYS)  # ... and it started: a killed run
+    (Path(started.output_dir) / "checkpoint-2").mkdir()  # that saved a checkpoint
     check_config(run)  # the same config again: it resumes
     run.config["max_train_samples"] = 10
     with pytest.raises(UserError, match=r"max_train_samples: None -> 10"):
