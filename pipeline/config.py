@@ -57,6 +57,14 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", cli_only: bool =
     return field(default=default, metadata=metadata)
 
 
+def require(cfg: Any, *keys: str, example: str = "") -> None:
+    """Refuse a required key left unset: its name, its help, and the shipped config that sets one."""
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
+    for key in keys:
+        if not getattr(cfg, key):
+            raise ValueError(f"{key} is not set: {helps[key]}" + (f" ({example} sets the demo's)" if example else ""))
+
+
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     """Split `--config FILE --key value --flag` into the config path and raw overrides.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from pipeline.config import UserError, config_to_dict, setting
+from pipeline.config import UserError, config_to_dict, require, setting
 from pipeline.prompts import PromptSource, load_prompts
 from pipeline.records import save_dataset
 from pipeline.rundir import RunKeys, fingerprint, open_run
@@ -87,9 +87,7 @@ class CurateStageConfig(CurateConfig, RunKeys):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: the generate stage's output_dir to re-curate "
-                             "(configs/curate.yaml sets the demo's)")
+        require(self, "output_dir", example="configs/curate.yaml")
 
 
 FREE_KEYS = {"overwrite", "score_workers"}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import UserError, config_to_dict, setting
+from pipeline.config import UserError, config_to_dict, require, setting
 from pipeline.curate import ScoringConfig, score_texts, scored_text
 from pipeline.engine import EngineConfig
 from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
@@ -79,15 +79,7 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource, RunKeys):
         names = [name for name, _ in self.model_list()]
         if len(set(names)) != len(names):
             raise ValueError(f"models have repeated names {names}: write them as name=path")
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the report and samples go (configs/eval.yaml sets "
-                             "the demo's)")
-        if not self.models:
-            raise ValueError("models is empty: the models to score, name=path entries (configs/eval.yaml sets "
-                             "the demo's)")
-        if not self.prompt_set:
-            raise ValueError("prompt_set is not set: the prompts to score on, a set folder, file, saved dataset dir "
-                             "or hub id (configs/eval.yaml sets the demo's)")
+        require(self, "output_dir", "models", "prompt_set", example="configs/eval.yaml")
 
     def model_list(self) -> list[tuple[str, str]]:
         pairs = [m.split("=", 1) if "=" in m else ["+".join(Path(p.rstrip("/")).name for p in ensemble_members(m)), m]
@@ -117,7 +109,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         if len(members) > 1:
             shared_tokenizer(members)  # refused now, not after the other models are sampled
     out = Path(cfg.output_dir)
-    run = open_run(cfg, "eval", {"prompt_set": prompt_set_fingerprint(cfg.prompt_set)}, FREE_KEYS)
+    run = open_run(cfg, "eval", {"prompt_set": prompt_set_fingerprint(cfg.prompt_set)}, FREE_KEYS, reuse=False)
     is_main = run.is_main
 
     samples, skipped = [], {}

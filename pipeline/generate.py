@@ -34,7 +34,7 @@ from typing import Any, Iterator, Literal
 
 from tqdm.auto import tqdm
 
-from pipeline.config import UserError, setting
+from pipeline.config import UserError, require, setting
 from pipeline.curate import CurateConfig, curate_traces
 from pipeline.engine import EngineConfig, build_engine, run_replicas, shutdown
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
@@ -90,15 +90,7 @@ class GenerateConfig(CurateConfig, EngineConfig, PromptSource, RunKeys):
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         if not self.think_start or not self.think_end:
             raise ValueError("think_start and think_end must be non-empty tags, e.g. <think> and </think>")
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the traces are written (configs/generate.yaml sets "
-                             "the demo's)")
-        if not self.model:
-            raise ValueError("model is not set: the teacher that samples, a local path or hub id "
-                             "(configs/generate.yaml sets the demo's)")
-        if not self.prompt_set:
-            raise ValueError("prompt_set is not set: the prompts to sample, a set folder, file, saved dataset dir "
-                             "or hub id (configs/generate.yaml sets the demo's)")
+        require(self, "output_dir", "model", "prompt_set", example="configs/generate.yaml")
 
 
 def check_sampling(cfg: Any) -> None:

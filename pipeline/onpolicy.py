@@ -37,7 +37,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
 from pipeline import teacher_server
-from pipeline.config import UserError, setting
+from pipeline.config import UserError, require, setting
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
 from pipeline.records import load_traces
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
@@ -73,9 +73,7 @@ class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, RunKeys):
 
     def __post_init__(self) -> None:
         # Before TrainingArguments' own, which replaces an unset output_dir with "trainer_output".
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the student's checkpoints and final model go "
-                             "(configs/onpolicy.yaml sets the demo's)")
+        require(self, "output_dir", example="configs/onpolicy.yaml")
         super().__post_init__()
         PromptSource.__post_init__(self)
         if bool(self.teacher) == bool(self.teacher_server):
@@ -88,12 +86,7 @@ class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, RunKeys):
         if self.teacher_server and (self.lmbda < 1 or self.temperature != 1.0):
             raise ValueError("teacher_server returns the teacher's raw (T = 1) log-probs of the student's samples: "
                              "it needs lmbda: 1 and temperature: 1.0 (a local teacher supports both)")
-        if not self.model:
-            raise ValueError("model is not set: the student to start from, a local path (e.g. the sft stage's "
-                             "output) or hub id (configs/onpolicy.yaml sets the demo's)")
-        if not self.prompt_set:
-            raise ValueError("prompt_set is not set: the prompts the student samples on, a set folder, file, saved "
-                             "dataset dir or hub id (configs/onpolicy.yaml sets the demo's)")
+        require(self, "model", "prompt_set", example="configs/onpolicy.yaml")
 
 
 def main(cfg: OnPolicyConfig) -> Path:

@@ -40,9 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
-
-from pipeline.config import UserError, config_to_dict, setting
+from pipeline.config import UserError, config_to_dict, save_config, setting
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +78,29 @@ class Run:
             if inputs is not None:
                 self.record["inputs"] = inputs
             if config is not None:
-                files(self.out, self.name)[1].write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False,
-                                                                        allow_unicode=True))
+                save_config(config, files(self.out, self.name)[1])
             started = self.record.pop("_started", time.time())
-            self.record.update(status="complete", seconds=round(self.record.get("seconds", 0) + time.time() - started, 1),
-                               **facts)
+            seconds = round(self.record.get("seconds", 0) + time.time() - started, 1)
+            self.record.update(status="complete", seconds=seconds, **facts)
             _write_json(files(self.out, self.name)[0], self.record)
             _release(files(self.out, self.name)[2])
 
 
 def open_run(cfg: Any, stage: str, inputs: dict[str, str | None], free: Iterable[str] = (), *,
-             derived: dict[str, Any] | None = None, name: str = "run", output_dir: str | Path | None = None) -> Run:
+             derived: dict[str, Any] | None = None, name: str = "run", output_dir: str | Path | None = None,
+             reuse: bool = True) -> Run:
     """Open cfg.output_dir (or `output_dir`) for `stage`: check it against its record, lock it,
     record this run. `inputs`: fingerprints (see `fingerprint`) of what the run reads; `derived`:
-    result values computed from the config (a training run's global batch). Under N processes
-    the main one decides and writes; the others wait for it and read its record."""
+    result values computed from the config (a training run's global batch); `reuse`: False for a
+    stage that always runs again on a finished record (eval: its models may change, each model's
+    own run reuses its samples). Under N processes the main one decides and writes; the others
+    wait for it and read its record."""
     out = Path(output_dir or cfg.output_dir)
     is_main, wait = _processes(cfg)
     record_path = files(out, name)[0]
     wanted = {"stage": stage, "config": {**result_keys(cfg, free), **(derived or {})}, "inputs": inputs}
     if is_main:
-        record = _start(out, record_path, wanted, set(free), cfg, stage, name)
+        record = _start(out, record_path, wanted, set(free), cfg, stage, name, reuse)
     wait()
     if not is_main:
         record = json.loads(record_path.read_text())
@@ -153,7 +153,7 @@ def finished(cfg: Any, stage: str, inputs: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------- the record
 
 def _start(out: Path, record_path: Path, wanted: dict[str, Any], free: set[str], cfg: Any, stage: str,
-           name: str) -> dict[str, Any]:
+           name: str, reuse: bool) -> dict[str, Any]:
     _, config_path, lock = files(out, name)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; pick a directory")
@@ -176,20 +176,22 @@ def _start(out: Path, record_path: Path, wanted: dict[str, Any], free: set[str],
                         "command line to delete it and start again")
     if saved is None:
         record = {**wanted, "status": "running", "created": _now(), "seconds": 0.0}
-        config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+        save_config(cfg, config_path)
     else:
         changes = _changes(saved, wanted, free)
         if changes:
             _release(lock)
             raise UserError(_refusal(out, changes))
         record = saved
-        if saved.get("status") == "complete":
+        if saved.get("status") == "complete" and reuse:
             _release(lock)
             return record
         before = saved.get("free", {})
         moved = {k: [before.get(k), v] for k, v in config_to_dict(cfg).items() if k in free and before.get(k) != v}
         record.setdefault("resumes", []).append({"at": _now(), **({"changed": moved} if moved else {})})
-        log.info(f"{out}: resuming an unfinished {stage} run")
+        if saved["status"] == "running":
+            log.info(f"{out}: resuming an unfinished {stage} run")
+        record["status"] = "running"
     record["free"] = {k: v for k, v in config_to_dict(cfg).items() if k in free}
     _write_json(record_path, record)
     record["_started"] = time.time()

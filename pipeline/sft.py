@@ -26,7 +26,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import teacher_server
-from pipeline.config import UserError, setting
+from pipeline.config import UserError, require, setting
 from pipeline.distill import features, relations, teachers
 from pipeline.distill.logits import LOG_ZERO, chunked_kd_loss
 from pipeline.records import load_traces, vocab_fingerprint
@@ -91,9 +91,7 @@ class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
 
     def __post_init__(self) -> None:
         # Before TrainingArguments' own, which replaces an unset output_dir with "trainer_output".
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the student's checkpoints and final model go "
-                             "(configs/sft.yaml sets the demo's)")
+        require(self, "output_dir", example="configs/sft.yaml")
         super().__post_init__()
         if self.kd == "online" and bool(self.teacher) == bool(self.teacher_server):
             raise ValueError("kd: online needs one teacher: teacher (a model path or hub id, loaded here) or "
@@ -117,12 +115,7 @@ class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
             raise ValueError(f"kd_alpha and kd_beta must be in [0, 1], got {self.kd_alpha} and {self.kd_beta}")
         if self.kd_temperature <= 0 or self.kd_chunk_size < 1:
             raise ValueError("kd_temperature must be > 0 and kd_chunk_size >= 1")
-        if not self.model:
-            raise ValueError("model is not set: the student to train, a local path or hub id "
-                             "(configs/sft.yaml sets the demo's)")
-        if not self.dataset:
-            raise ValueError("dataset is not set: the traces to train on, a traces dir, saved dataset dir or hub id "
-                             "(configs/sft.yaml sets the demo's)")
+        require(self, "model", "dataset", example="configs/sft.yaml")
 
 
 FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/student.py)

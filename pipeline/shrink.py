@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import UserError, setting
+from pipeline.config import UserError, require, setting
 from pipeline.prompts import PromptSource, load_prompts, render
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 
@@ -100,15 +100,8 @@ class ShrinkConfig(PromptSource, RunKeys):
         for key in ("calibration_prompts", "calibration_max_tokens", "calibration_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not self.teacher:
-            raise ValueError("teacher is not set: the local checkpoint dir (config.json and weights) the student is "
-                             "cut from (configs/shrink.yaml sets the demo's)")
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the student checkpoint is written (configs/shrink.yaml "
-                             "sets the demo's)")
-        if self.method == "importance" and not self.prompt_set:
-            raise ValueError("prompt_set is not set: method importance needs calibration prompts, a set folder, "
-                             "file, saved dataset dir or hub id (configs/shrink.yaml sets the demo's)")
+        require(self, "teacher", "output_dir", *(["prompt_set"] if self.method == "importance" else []),
+                example="configs/shrink.yaml")
 
 
 def main(cfg: ShrinkConfig) -> Path:

@@ -52,7 +52,7 @@ from typing import Any
 import yaml
 
 from pipeline import rundir
-from pipeline.config import UserError, load_config, parse_yaml, setting
+from pipeline.config import UserError, load_config, parse_yaml, require, setting
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ class StudyConfig:
                 raise ValueError(f"zip names axes that do not exist: {sorted(unknown)} (axes: {sorted(self.axes)})")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the study's runs, table and plot go (each "
-                             "configs/studies/*.yaml sets its own)")
+        require(self, "output_dir")
 
 
 # ---------------------------------------------------------------------------- the grid

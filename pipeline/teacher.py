@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UserError, load_config, setting
+from pipeline.config import UserError, load_config, require, setting
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
 from pipeline.records import save_dataset
 from pipeline.sft import SFTStageConfig
@@ -49,18 +49,7 @@ class TeacherConfig(SFTStageConfig, PromptSource):
     def __post_init__(self) -> None:
         # Before the sft stage's checks (their messages are about a student) and TrainingArguments'
         # own, which replaces an unset output_dir with "trainer_output".
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the trained teacher goes (configs/teacher.yaml sets "
-                             "the demo's)")
-        if not self.model:
-            raise ValueError("model is not set: the dir the teacher's random init is built in "
-                             "(configs/teacher.yaml sets the demo's)")
-        if not self.dataset:
-            raise ValueError("dataset is not set: the dir the prompt-completion records are written to "
-                             "(configs/teacher.yaml sets the demo's)")
-        if not self.prompt_set:
-            raise ValueError("prompt_set is not set: the prompt set with worked solutions the teacher learns "
-                             "(configs/teacher.yaml sets the demo's)")
+        require(self, "output_dir", "model", "dataset", "prompt_set", example="configs/teacher.yaml")
         SFTStageConfig.__post_init__(self)
         PromptSource.__post_init__(self)
 

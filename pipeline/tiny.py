@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pipeline.config import setting
+from pipeline.config import require, setting
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -111,8 +111,7 @@ class TinyConfig:
                                          "intermediate": "intermediate_size", "heads": "num_heads"}
 
     def __post_init__(self) -> None:
-        if not self.output_dir:
-            raise ValueError("output_dir is not set: where the model goes (--output_dir DIR)")
+        require(self, "output_dir")
 
 
 def main(cfg: TinyConfig) -> Path:

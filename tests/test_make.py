@@ -179,4 +179,6 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
     if name == "temperature":  # a rerun reuses every finished run and only reads the table back
         rerun = make(clone, "study", f"STUDY=configs/studies/{name}.yaml", "ARGS=--reduced")
         assert "-m pipeline " not in rerun.stdout and rerun.stdout.count("done, reused") == len(
-            list((out / "configs").glob("*/*.done")))
+            list((out / "configs").glob("*/*.yaml")))
+        record = json.loads((out / "run.json").read_text())  # the study's own record, beside each run's
+        assert record["stage"] == "study" and record["status"] == "complete"
