@@ -164,7 +164,7 @@ def _checked(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
             raise UserError(f"unknown config key {key!r} in {source}.{hint}")
         if fields[key].metadata.get("cli_only") and source != CLI:
             raise UserError(f"{key!r} in {source}: this key is taken only from the command line (--{key}), "
-                              "so that rerunning a config file never deletes finished work")
+                            "so that rerunning a config file never deletes finished work")
         try:
             out[key] = _coerce(value, hints[key])
         except ValueError as err:

@@ -129,7 +129,7 @@ def pin_replica(cfg: Any, local_index: int, local_count: int, gpus: list[str] | 
 def _group(items: list, index: int, count: int, per_replica: int) -> list:
     if len(items) < count * per_replica:
         raise UserError(f"{count} replicas x {per_replica} devices each need {count * per_replica} devices (GPUs, "
-                         f"or CPU cores without a GPU); this machine has {len(items)}: lower data_parallel_size")
+                        f"or CPU cores without a GPU); this machine has {len(items)}: lower data_parallel_size")
     size = len(items) // count
     return items[index * size:(index + 1) * size]
 
@@ -286,7 +286,7 @@ def _start_ray_actors(cfg: Any, job: Job, shares: list[Any], events: queue.Queue
         devices = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
         if gpus and gpus < devices * len(shares):  # Ray would wait forever for the missing GPUs
             raise UserError(f"{len(shares)} replicas x {devices} GPUs need {devices * len(shares)}; the Ray "
-                             f"cluster has {gpus:g}: lower data_parallel_size")
+                            f"cluster has {gpus:g}: lower data_parallel_size")
         actor_cls = ray.remote(num_cpus=1, num_gpus=devices if gpus else 0)(RayReplica)
         actors += [actor_cls.remote() for _ in shares]
         nodes = ray.get([a.node.remote() for a in actors], timeout=600)

@@ -96,16 +96,18 @@ def ensemble_members(path: str) -> list[str]:
 def main(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("backend vllm splits the prompts over its own engine replicas: run it as one process "
-                          "with --data_parallel_size N (and --ray_address for several machines), not under "
-                          "accelerate launch / NUM_PROCESSES (that is for backend transformers)")
+                        "with --data_parallel_size N (and --ray_address for several machines), not under "
+                        "accelerate launch / NUM_PROCESSES (that is for backend transformers)")
     prompt_set = load_prompts(cfg, require_answers=True)
     for name, path in cfg.model_list():
         members = ensemble_members(path)
         for member in members:
-            if not Path(member).exists() and (member.startswith((".", "/")) or member.count("/") != 1):
-                raise UserError(f"model {name}: {member} does not exist: the demo's student-sft is made by `make sft`, "
-                                "student-init by `make sft` or `make demo` (or name a local model dir or a hub id "
-                                "owner/name)")
+            local = Path(member).exists() or member.startswith((".", "/")) or member.count("/") != 1
+            made = any((Path(member) / f).is_file() for f in ("config.json", "adapter_config.json"))
+            if local and not made:  # missing, or a training run not finished yet
+                raise UserError(f"model {name}: {member} does not exist or holds no model yet (config.json): the "
+                                "demo's student-sft is made by `make sft`, student-init by `make sft` or `make demo` "
+                                "(or name a local model dir or a hub id owner/name)")
         if len(members) > 1:
             shared_tokenizer(members)  # refused now, not after the other models are sampled
     out = Path(cfg.output_dir)
@@ -162,7 +164,7 @@ def inputs(cfg: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- sampling
 
-def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompts: list,
+def sample_model(cfg: EvalConfig, name: str, path: str, model_files: str, prompts: list,
                  out: Path) -> list[dict[str, Any]]:
     """The model's k samples per prompt as records. `out` is a run of its own (pipeline/rundir.py):
     finished by this protocol from these very model files, it is reused; unfinished, resumed."""
@@ -170,7 +172,7 @@ def sample_model(cfg: EvalConfig, name: str, path: str, fingerprint: str, prompt
     if cfg.backend == "vllm" and len(members) == 1:
         return _sample_vllm(cfg, path, out)  # the generate stage, whose record `out` holds
     own = dataclasses.replace(cfg, models=[f"{name}={path}"], output_dir=str(out), overwrite=False)
-    run = open_run(own, "eval-samples", {"model": fingerprint}, FREE_KEYS - {"models"})
+    run = open_run(own, "eval-samples", {"model": model_files}, FREE_KEYS - {"models"})
     if run.complete:
         import datasets
         log.info(f"{name}: reusing {out / 'samples'}")
@@ -307,8 +309,8 @@ def shared_tokenizer(paths: list[str]) -> Any:
     for path, tokenizer in zip(paths[1:], tokenizers[1:]):
         if tokenizer.get_vocab() != tokenizers[0].get_vocab():
             raise UserError(f"ensemble members {paths[0]} and {path} have different tokenizers ({len(tokenizers[0])} "
-                             f"and {len(tokenizer)} tokens): an ensemble averages next-token probabilities, so its "
-                             "members must share one vocabulary")
+                            f"and {len(tokenizer)} tokens): an ensemble averages next-token probabilities, so its "
+                            "members must share one vocabulary")
     return tokenizers[0]
 
 

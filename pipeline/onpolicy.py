@@ -123,8 +123,8 @@ def build_trainer(cfg: OnPolicyConfig) -> Any:
         trainer = gold_trainer(cfg, tokenizer, prompts, common)
     elif cfg.lmbda < 1:
         raise UserError(f"lmbda: {cfg.lmbda} with a teacher that shares the student's tokenizer: its off-policy "
-                         "part is the sft stage's online KD (make sft ARGS='--kd online --teacher ...'), then "
-                         "lmbda: 1 here")
+                        "part is the sft stage's online KD (make sft ARGS='--kd online --teacher ...'), then "
+                        "lmbda: 1 here")
     else:
         trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
     state = trainer.accelerator.state

@@ -193,11 +193,11 @@ def load_traces(source: str, split: str = "train", needed: Sequence[str] = ("pro
         data = datasets.load_dataset(source, split=split)
     if data is None or len(data) == 0:
         raise UserError(f"dataset {path} is empty: nothing to train on (did curation drop everything? "
-                         "see curation.json beside it)")
+                        "see curation.json beside it)")
     missing = [c for c in needed if c not in data.column_names]
     if missing:
         raise UserError(f"dataset {path}: missing column(s) {', '.join(missing)}{hint}; "
-                         f"columns present: {', '.join(data.column_names)}")
+                        f"columns present: {', '.join(data.column_names)}")
     keep = list(needed) + [c for c in ("prompt_id", "teacher") if c in data.column_names]
     return data.select_columns(keep)
 

@@ -203,7 +203,7 @@ def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
     same ones, and a smaller subset is part of a larger one."""
     if cfg.max_train_samples > len(dataset):
         raise UserError(f"max_train_samples is {cfg.max_train_samples} but dataset {cfg.dataset} has only "
-                         f"{len(dataset)} traces: lower it, or generate more (max_prompts, num_samples)")
+                        f"{len(dataset)} traces: lower it, or generate more (max_prompts, num_samples)")
     return dataset.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
 
 
@@ -214,17 +214,17 @@ def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> 
     modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
     if modes:
         raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store {', '.join(modes)} "
-                         "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
-                         "would apply twice and the tail is lost): generate them again with logprobs_mode: "
-                         "raw_logprobs")
+                        "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
+                        "would apply twice and the tail is lost): generate them again with logprobs_mode: "
+                        "raw_logprobs")
     student = vocab_fingerprint(tokenizer)
     stored = set(dataset.unique("teacher_vocab")) - {student}
     if stored:
         raise UserError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
-                         f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
-                         "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
-                         "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
-                         "traces (TRL's GOLD trainer, ULD loss)")
+                        f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
+                        "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
+                        "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
+                        "traces (TRL's GOLD trainer, ULD loss)")
 
 
 def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTStageConfig) -> None:
@@ -235,7 +235,7 @@ def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTS
     rendered = tokenizer.apply_chat_template(sample["prompt"] + sample["completion"], tokenize=False)
     if "</think>" in content and reasoning and reasoning[:50] not in rendered:
         raise UserError(f"the chat template of {cfg.model} drops the <think> block from assistant messages; "
-                         "set chat_template: chatml to train on the reasoning")
+                        "set chat_template: chatml to train on the reasoning")
 
 
 def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
@@ -262,11 +262,11 @@ def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
     trained = [t for t in sample.get("labels", sample["input_ids"]) if t != -100]
     if tokenizer.eos_token_id not in trained[-2:]:  # ChatML puts a newline after the EOS
         raise UserError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
-                         "use a chat template that ends assistant turns with the EOS token")
+                        "use a chat template that ends assistant turns with the EOS token")
     labels = trainer.data_collator([sample])["labels"][0].tolist()
     if tokenizer.eos_token_id not in labels:
         raise UserError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
-                         "(pad_token == eos_token?): set a distinct pad token")
+                        "(pad_token == eos_token?): set a distinct pad token")
 
 
 # ---------------------------------------------------------------------------- KD trainer
@@ -513,7 +513,7 @@ def teacher_token_dataset(dataset: Any, tokenizer: Any, vocab_size: int) -> Any:
         ids = torch.as_tensor(example["topk_ids"], dtype=torch.long).reshape(len(completion), -1)
         if ids.numel() and int(ids.max()) >= vocab_size:
             raise UserError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
-                             f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
+                            f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
         k = ids.shape[1]
         certain = torch.as_tensor(ending, dtype=torch.long)
         certain_ids = (certain[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 others

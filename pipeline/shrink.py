@@ -128,7 +128,7 @@ def most_important_layers(scores: list[float], keep: int) -> list[int]:
 def check_num_layers(keep: int, total: int) -> None:
     if not 1 <= keep < total:
         raise UserError(f"num_layers {keep}: the teacher has {total} decoder layers; set num_layers "
-                          f"between 1 and {total - 1}")
+                        f"between 1 and {total - 1}")
 
 
 def block_influence(model: Any, tokenizer: Any, texts: list[str], max_tokens: int,
@@ -184,7 +184,7 @@ def shrink(cfg: ShrinkConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.resolve() == teacher.resolve():
         raise UserError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
-                          "never replaced)")
+                        "never replaced)")
     prompts = calibration_prompts(cfg) if cfg.method == "importance" else None  # bad prompt sets fail early
     run = open_run(cfg, "shrink", inputs(cfg),
                    FREE_KEYS | (set() if cfg.method == "importance" else CALIBRATION_KEYS))  # every_kth reads no prompts
@@ -246,20 +246,20 @@ def read_teacher_config(teacher: Path) -> dict[str, Any]:
     """The teacher's config.json, checked to be a local Qwen2/Llama checkpoint (without torch)."""
     if not teacher.is_dir():
         raise UserError(f"teacher {str(teacher)!r} is not a directory; set teacher to a local checkpoint dir "
-                          "(config.json + weights), e.g. one saved by the sft stage")
+                        "(config.json + weights), e.g. one saved by the sft stage")
     path = teacher / "config.json"
     if not path.is_file():
         raise UserError(f"teacher {str(teacher)!r} has no config.json; set teacher to a transformers "
-                          "checkpoint dir (save_pretrained output)")
+                        "checkpoint dir (save_pretrained output)")
     config = json.loads(path.read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UserError(f"teacher {str(teacher)!r} is a {model_type!r} model "
-                          f"({', '.join(config.get('architectures') or ['no architectures'])}); shrink "
-                          f"supports {', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
+                        f"({', '.join(config.get('architectures') or ['no architectures'])}); shrink "
+                        f"supports {', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
     if config.get("per_layer_config"):
         raise UserError(f"teacher {str(teacher)!r} has a heterogeneous config (per_layer_config); shrink cuts only "
-                          "models whose layers share one config")
+                        "models whose layers share one config")
     if not isinstance(config.get("num_hidden_layers"), int):
         raise UserError(f"teacher {str(teacher)!r}: config.json has no num_hidden_layers")
     return config

@@ -136,7 +136,7 @@ def axis_values(name: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
     """(label, {stage.key: value}) for each value of an axis."""
     if not isinstance(spec, dict) or "values" not in spec:
         raise UserError(f"axis {name!r}: expected {{key: stage.key, values: [...]}} or {{values: {{label: "
-                          f"{{stage.key: value, ...}}}}}}, got {spec!r}")
+                        f"{{stage.key: value, ...}}}}}}, got {spec!r}")
     values = spec["values"]
     if "key" in spec:
         if not isinstance(values, list) or not values:

@@ -44,9 +44,9 @@ def check_tokenizer(url: str, tokenizer: Any, student: str) -> None:
     own = tokenizer(PROBE, add_special_tokens=False).input_ids
     if served != own:
         raise UserError(f"the teacher served at {url} tokenizes differently from the student {student} "
-                         f"({len(served)} vs {len(own)} ids for one probe text), so its log-probs would describe "
-                         "other tokens. Distil across tokenizers with the onpolicy stage and a local teacher "
-                         "(TRL's GOLD trainer, ULD loss; lmbda: 0 trains off-policy on traces)")
+                        f"({len(served)} vs {len(own)} ids for one probe text), so its log-probs would describe "
+                        "other tokens. Distil across tokenizers with the onpolicy stage and a local teacher "
+                        "(TRL's GOLD trainer, ULD loss; lmbda: 0 trains off-policy on traces)")
 
 
 def topk_rows(teacher: Any, sequences: list[list[int]], k: int) -> list[dict[str, torch.Tensor]]:
@@ -60,7 +60,7 @@ def topk_rows(teacher: Any, sequences: list[list[int]], k: int) -> list[dict[str
         logprobs = torch.tensor(logprobs, dtype=torch.float64).reshape(-1, k)
         if torch.isinf(logprobs).any():  # TRL pads a short answer with -inf at id 0: a duplicate id
             raise UserError(f"the teacher server returned fewer than {k} log-probs at some position: lower the "
-                             "top-k to at most the teacher's vocabulary")
+                            "top-k to at most the teacher's vocabulary")
         top_mass = torch.logsumexp(logprobs, dim=-1)
         rest = (-torch.expm1(top_mass)).clamp_min(0).log()  # 1 - sum(top-k), from the server's values
         rows.append({"teacher_topk_ids": torch.cat([torch.zeros(1, k, dtype=torch.long),

@@ -44,7 +44,7 @@ def layer_map(student_layers: int, teacher_layers: int, pairs: list[str] | None 
             raise UserError(f"feature_layers entry {pair!r} is not 'student:teacher' (two integers, e.g. '2:4')")
         if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
             raise UserError(f"feature_layers entry {pair!r}: hidden-state indices run 0..{student_layers} for the "
-                             f"student and 0..{teacher_layers} for the teacher (0 is the embeddings)")
+                            f"student and 0..{teacher_layers} for the teacher (0 is the embeddings)")
         out.append((s, t))
     return out
 

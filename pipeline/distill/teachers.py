@@ -37,9 +37,9 @@ def load(paths: list[str], student_tokenizer: Any, student: str, dtype: Any, tra
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.get_vocab() != student_tokenizer.get_vocab():
             raise UserError(f"teacher {path} and student {student} have different tokenizers "
-                             f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); logit KD here needs a shared "
-                             "one. Distil across tokenizers with `make onpolicy` (TRL's GOLD trainer, ULD loss): "
-                             "lmbda: 0 trains off-policy on these traces scored by the live teacher, lmbda: 1 on-policy")
+                            f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); logit KD here needs a shared "
+                            "one. Distil across tokenizers with `make onpolicy` (TRL's GOLD trainer, ULD loss): "
+                            "lmbda: 0 trains off-policy on these traces scored by the live teacher, lmbda: 1 on-policy")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if not trainable:
             model.eval().requires_grad_(False)
