@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever a library wrote
         sys.exit(2)
 
 

@@ -68,7 +68,7 @@ def main(cfg: TeacherConfig) -> Path:
     (out / "README.md").write_text(
         f"# {cfg.prompt_set} teacher\n\nA Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, MLP "
         f"{cfg.intermediate_size}) trained from scratch by r1-distill on the worked `{cfg.solution_column}` of "
-        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline.teacher` "
+        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline teacher` "
         f"(`make teacher`), every key in `config.yaml` beside this card.\n")
     if scoring:
         from pipeline.eval import main as eval_main
