@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: help install demo teacher study methods test generate curate shrink sft onpolicy eval bench clean
+.PHONY: help install demo teacher study methods test test-fast lint docs generate curate shrink sft onpolicy eval bench clean
 
 # `make help`: the targets; `python -m pipeline --help` lists the commands, `... STAGE --help` their keys.
 help:
@@ -33,6 +33,9 @@ help:
 	@echo "make study STUDY=file [ARGS=--reduced]   a grid of runs, read back as a table and plot"
 	@echo "make methods [ARGS=--reduced]    the methods study (configs/studies/methods.yaml)"
 	@echo "make test                        the whole test suite (what CI runs)"
+	@echo "make test-fast                   the tests that start no engine, server or process and train nothing"
+	@echo "make lint                        ruff over the source tree"
+	@echo "make docs                        regenerate docs/config.md from the config dataclasses' help"
 	@echo "make bench [ARGS=--quick]        the benchmarks in bench/"
 	@echo "make clean                       delete runs/"
 	@echo "NUM_PROCESSES=N or ACCELERATE_CONFIG=file: sft, onpolicy and eval under accelerate launch"
@@ -55,7 +58,7 @@ generate: $(STAMP)
 # The demo sft config's student: a random init, built on first use (seconds). Its traces are not:
 # a sub-make would inherit this command line's ARGS, so sft names `make generate` when they are missing.
 runs/demo/student-init/config.json: | $(STAMP)
-	$(PY) -c "from pipeline.demo import STUDENT; from pipeline.tiny import build_model; build_model('runs/demo/student-init', **STUDENT)"
+	$(PY) -c "from pipeline.demo import STUDENT; from pipeline.demo.tiny import build_model; build_model('runs/demo/student-init', **STUDENT)"
 
 SFT_CONFIG = $(or $(CONFIG),configs/sft.yaml)
 sft: $(STAMP) $(if $(filter configs/sft.yaml,$(SFT_CONFIG)),runs/demo/student-init/config.json)
@@ -96,6 +99,17 @@ shrink: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest --durations=20 $(ARGS)
+
+# Under 3 minutes on 2 cores: what a change to the code's logic checks first.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# The config reference is generated from each key's help (pipeline/config.py `setting`); a test compares.
+docs: $(STAMP)
+	$(PY) -c "from pipeline.cli import config_reference; print(config_reference(), end='')" > docs/config.md
 
 # Every bench/bench_*.py; figures go to BENCHMARKS.md by hand, each script also writes runs/bench/*.json.
 # ARGS go to every script: `make bench ARGS=--quick` runs each at its smallest sizes, once (a check).

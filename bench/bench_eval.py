@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from _common import machine, save
-from pipeline.eval import EvalConfig, _sample_transformers
-from pipeline.generate import GenerateConfig, build_engine, generate
+from pipeline.stages.eval import EvalConfig, _sample_transformers
+from pipeline.stages.generate import GenerateConfig, build_engine, generate
 from pipeline.prompts import load_prompts
-from pipeline.tiny import build_model
+from pipeline.demo.tiny import build_model
 
 # --quick: the smallest run of both backends (checks the script, measures nothing).
 QUICK = {"prompts": 2, "k": 1, "max_tokens": 8, "reps": 1}

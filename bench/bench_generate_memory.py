@@ -29,8 +29,8 @@ PARTS = ("RssAnon", "RssFile")  # resident memory of the process's own and of ma
 def worker(model: str, prompts: int, max_tokens: int, out: Path) -> dict:
     import os
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny model needs little
-    from pipeline.engine import build_engine
-    from pipeline.generate import GenerateConfig, generate
+    from pipeline.inference.engine import build_engine
+    from pipeline.stages.generate import GenerateConfig, generate
 
     cfg = GenerateConfig(model=model, prompt_set="prompts/arithmetic", split="train", max_prompts=prompts,
                          temperatures=[0.6, 1.0], num_samples=2, max_tokens=max_tokens, logprobs=20,
@@ -80,7 +80,7 @@ def main() -> None:
             print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.max_tokens, Path(tmp))))
         return
 
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-memory-"))
     model = str(build_model(work / "teacher"))

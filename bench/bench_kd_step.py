@@ -7,7 +7,7 @@ without loss). Each step is forward, backward, AdamW step, fp32 on CPU:
 - sft: the student's own forward with labels (transformers' loss over full logits: what TRL's
   SFTTrainer runs);
 - teacher forward: the teacher's plain forward alone (no gradients);
-- offline KD: the sft stage's loss (`pipeline.sft.distill_losses`, forward KL at T = 2 + CE) against
+- offline KD: the sft stage's loss (`pipeline.stages.sft.distill_losses`, forward KL at T = 2 + CE) against
   top-20 rows precomputed from the teacher, as the generate stage stores them;
 - online KD: the same loss with the live teacher.
 
@@ -34,7 +34,7 @@ import torch
 
 from _common import machine, save
 from pipeline.distill.logits import combine
-from pipeline.sft import distill_losses
+from pipeline.stages.sft import distill_losses
 
 WARMUP = 2
 PROMPT = 32

@@ -1,6 +1,6 @@
 """Benchmark: step time and peak memory of each distillation method against plain SFT, through the sft stage.
 
-Every method is a configuration of the sft stage (pipeline/sft.py, pipeline/distill/), trained
+Every method is a configuration of the sft stage (pipeline/stages/sft.py, pipeline/distill/), trained
 here as the methods study trains it (configs/studies/methods.yaml): `build_trainer(cfg)` then
 `trainer.train()`, the study's sft config (configs/studies/sums/sft.yaml), batch 16, fp32 on CPU.
 
@@ -14,7 +14,7 @@ here as the methods study trains it (configs/studies/methods.yaml): `build_train
                 student's own size (here a copy of the student init; generation 1's weights
                 would time the same)
 
-Models (pipeline/tiny.py, nothing downloaded): the student is the study's init (`student_init`:
+Models (pipeline/demo/tiny.py, nothing downloaded): the student is the study's init (`student_init`:
 llama, hidden 64, 3 layers, MLP 256, 2 heads of 64) with `build_model`'s default tokenizer,
 which is the tokenizer shipped with prompts/sums/teacher (same vocabulary and chat template:
 checked below, as the stage itself checks it); the teacher is the shipped Qwen2 (hidden 128,
@@ -138,7 +138,7 @@ MIB = 2**20
 BASE_CONFIG = "configs/studies/sums/sft.yaml"  # the studies' sft config
 TEACHER = "prompts/sums/teacher"
 STUDENT_INIT = {"arch": "llama", "hidden_size": 64, "num_layers": 3, "intermediate_size": 256, "num_heads": 2}
-PEER_SEED = 1000  # pipeline/study.py PEER_OFFSET: a mutual peer's init seed is the seed's + 1000
+PEER_SEED = 1000  # pipeline/study/__init__.py PEER_OFFSET: a mutual peer's init seed is the seed's + 1000
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).
 QUICK = {"steps": 1, "batch": 4, "methods": "feature_kd,mutual"}  # the two that train modules beside the student
 
@@ -162,7 +162,7 @@ def sums_traces(path: Path, records: int) -> Path:
     import datasets
 
     from pipeline.prompts import PromptSource
-    from pipeline.teacher import solution_records
+    from pipeline.demo.teacher import solution_records
 
     source = PromptSource(prompt_set="prompts/sums", split="train", max_prompts=math.ceil(records / 4))
     rows = solution_records(source, "solutions")[:records]
@@ -222,7 +222,7 @@ def worker(conn: Any, overrides: dict[str, Any], total: int, log: str) -> None:
         import torch
 
         from pipeline.config import load_config
-        from pipeline.sft import SFTStageConfig, build_trainer
+        from pipeline.stages.sft import SFTStageConfig, build_trainer
 
         torch.set_num_threads(1)
         cfg = load_config(SFTStageConfig, BASE_CONFIG, overrides)
@@ -431,11 +431,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import build_model, build_tokenizer
+    from pipeline.demo.tiny import build_model, build_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     if build_tokenizer().get_vocab() != AutoTokenizer.from_pretrained(TEACHER).get_vocab():
-        raise SystemExit(f"pipeline.tiny's tokenizer is not {TEACHER}'s: the student could not be distilled from it")
+        raise SystemExit(f"pipeline.demo.tiny's tokenizer is not {TEACHER}'s: the student could not be distilled from it")
     student = build_model(work / "student", **STUDENT_INIT, seed=0)
     peer = build_model(work / "peer", **STUDENT_INIT, seed=PEER_SEED)
     teacher_b = Path(shutil.copytree(TEACHER, work / "teacher-b"))

@@ -23,8 +23,8 @@ import torch
 
 from _common import StepTimer, machine, save
 from pipeline.config import load_config
-from pipeline.onpolicy import OnPolicyConfig, build_trainer, prompt_dataset, train_summary
-from pipeline.tiny import build_model
+from pipeline.stages.onpolicy import OnPolicyConfig, build_trainer, prompt_dataset, train_summary
+from pipeline.demo.tiny import build_model
 
 WARMUP = 2
 QUICK = {"steps": WARMUP + 1, "batch": 4, "length": 16}

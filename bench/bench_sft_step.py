@@ -1,7 +1,7 @@
 """Benchmark: SFT step time of the sft stage against plain TRL SFTTrainer, and KD against SFT.
 
 Same student, data and SFTConfig for all; the stage's trainers come from
-`pipeline.sft.build_trainer`, plain TRL is `SFTTrainer(model, args, train_dataset)`. Step
+`pipeline.stages.sft.build_trainer`, plain TRL is `SFTTrainer(model, args, train_dataset)`. Step
 times are taken by a callback between step begin and end, the first steps skipped as
 warm-up; runs alternate for several repetitions and medians are quoted.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 from _common import StepTimer, machine, save
 from pipeline.config import load_config
 from pipeline.prompts import PromptSource
-from pipeline.sft import SFTStageConfig, build_trainer
-from pipeline.teacher import solution_records
-from pipeline.tiny import build_model
+from pipeline.stages.sft import SFTStageConfig, build_trainer
+from pipeline.demo.teacher import solution_records
+from pipeline.demo.tiny import build_model
 
 WARMUP = 2
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).

@@ -3,8 +3,7 @@
 Every command's keys come from its config dataclass, and so does `--help` (each field's default
 and the one line of help in its metadata). A user error (`UserError`: a bad key, value, file,
 a refused rerun, a mismatched tokenizer) prints one line and exits with status 2 in every
-command; a traceback means a bug. The stage modules' own `python -m pipeline.X` entry points
-come here too.
+command; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -17,21 +16,16 @@ import sys
 from typing import Any
 
 from pipeline.config import UserError, load_config, parse_cli
+from pipeline.stages import STAGES
 
 # command -> (module, config class, what it does); a module is imported only when its command runs.
 COMMANDS = {
-    "generate": ("pipeline.generate", "GenerateConfig", "a vLLM teacher samples reasoning traces"),
-    "curate": ("pipeline.curate", "CurateStageConfig", "score, filter and decontaminate a traces dir again"),
-    "shrink": ("pipeline.shrink", "ShrinkConfig", "a student made of some of the teacher's layers"),
-    "sft": ("pipeline.sft", "SFTStageConfig", "fine-tune a student on traces, optionally with KD"),
-    "onpolicy": ("pipeline.onpolicy", "OnPolicyConfig", "the student samples, the teacher scores each token"),
-    "eval": ("pipeline.eval", "EvalConfig", "pass@1, pass@k, maj@k of teacher and students"),
+    **STAGES,
     "study": ("pipeline.study", "StudyConfig", "a grid of runs read back as one table and plot"),
-    "teacher": ("pipeline.teacher", "TeacherConfig", "train the demo teacher on a prompt set's solutions"),
+    "teacher": ("pipeline.demo.teacher", "TeacherConfig", "train the demo teacher on a prompt set's solutions"),
     "demo": ("pipeline.demo", "DemoConfig", "generate -> two students -> eval, on a CPU in minutes"),
-    "tiny": ("pipeline.tiny", "TinyConfig", "save a tiny random Qwen2/Llama model and tokenizer"),
+    "tiny": ("pipeline.demo.tiny", "TinyConfig", "save a tiny random Qwen2/Llama model and tokenizer"),
 }
-STAGES = ("generate", "curate", "shrink", "sft", "onpolicy", "eval")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 

@@ -15,6 +15,15 @@ import yaml
 
 from pipeline.config import UserError, setting
 
+# A fallback chat template that keeps <think> blocks in assistant turns (`chat_template: chatml`),
+# and the tiny test models' own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # Column names tried, in order, when the config and set.yaml map none.
 DEFAULT_COLUMNS = {
     "id": ("id", "prompt_id", "problem_id", "unique_id"),

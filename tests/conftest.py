@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
@@ -32,8 +32,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process vLLM engine on tiny_qwen (context 512) for every test that samples."""
-    from pipeline.engine import build_engine, shutdown
-    from pipeline.generate import GenerateConfig
+    from pipeline.inference.engine import build_engine, shutdown
+    from pipeline.stages.generate import GenerateConfig
 
     engine = build_engine(GenerateConfig(model=str(tiny_qwen), max_model_len=512, dtype="float32", enforce_eager=True,
                                          output_dir=str(tmp_path_factory.mktemp("engine")),

@@ -64,8 +64,8 @@ def test_renamed_keys_name_their_new_name(capsys) -> None:
 
 
 def test_module_entry_points_share_the_parser() -> None:
-    for module, key in (("pipeline.study", "--reduced"), ("pipeline.teacher", "--solution_column"),
-                        ("pipeline.demo", "--quick"), ("pipeline.tiny", "--num_layers")):
+    for module, key in (("pipeline.study", "--reduced"), ("pipeline.demo.teacher", "--solution_column"),
+                        ("pipeline.demo", "--quick"), ("pipeline.demo.tiny", "--num_layers")):
         shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                                timeout=120)
         assert shown.returncode == 0 and key in shown.stdout, (module, shown.stderr[-2000:])

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.cli import COMMANDS
 from pipeline.config import UserError, load_config, parse_cli, save_config
-from pipeline.generate import GenerateConfig
+from pipeline.stages.generate import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -89,7 +89,7 @@ def test_cli_reports_unknown_key_without_starting_anything() -> None:
 
 def test_yaml_1_1_traps_are_avoided(tmp_path: Path) -> None:
     """`no`/`off` stay strings (YAML 1.1 reads them as false) and 1e-5 is a number."""
-    from pipeline.sft import SFTStageConfig
+    from pipeline.stages.sft import SFTStageConfig
 
     path = tmp_path / "sft.yaml"
     path.write_text("save_strategy: no\nlearning_rate: 1e-5\nuse_cpu: true\nbf16: false\n"
@@ -110,9 +110,9 @@ def test_engine_arguments_build_a_vllm_engine_config(path: Path, extra: dict, tm
     replicas of ours: vLLM's offline LLM refuses data_parallel_size > 1."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from pipeline.engine import engine_kwargs
-    from pipeline.eval import EvalConfig, generate_config
-    from pipeline.tiny import build_model
+    from pipeline.inference.engine import engine_kwargs
+    from pipeline.stages.eval import EvalConfig, generate_config
+    from pipeline.demo.tiny import build_model
 
     stand_in = tmp_path_factory.getbasetemp() / "long-context-stand-in"
     if not stand_in.exists():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.curate import CurateConfig, filter_traces, ngrams, contamination_index, score_dataset, score_one
-from pipeline.generate import FREE_KEYS, GenerateConfig
+from pipeline.stages.curate import CurateConfig, filter_traces, ngrams, contamination_index, score_dataset, score_one
+from pipeline.stages.generate import FREE_KEYS, GenerateConfig
 from pipeline.rundir import open_run
 
 ROOT = Path(__file__).resolve().parents[1]

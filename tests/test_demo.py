@@ -20,7 +20,7 @@ def parameters(path: Path) -> int:
 
 
 def test_shipped_teacher_is_a_small_qwen2_four_times_the_student(tmp_path: Path) -> None:
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     teacher = ROOT / TEACHER
     assert json.loads((teacher / "config.json").read_text())["model_type"] == "qwen2"
@@ -33,9 +33,9 @@ def test_teacher_trains_on_the_solutions_as_the_pipeline_renders_the_prompts(tmp
     import datasets
 
     from pipeline.config import load_config
-    from pipeline.generate import chat_prompt
+    from pipeline.stages.generate import chat_prompt
     from pipeline.prompts import PromptSource, load_prompts
-    from pipeline.teacher import TeacherConfig, main
+    from pipeline.demo.teacher import TeacherConfig, main
 
     values = {"output_dir": tmp_path / "model", "model": tmp_path / "init", "dataset": tmp_path / "solutions",
               "max_prompts": 8, "max_steps": 2, "hidden_size": 64, "num_layers": 1, "save_strategy": "no",
@@ -52,7 +52,7 @@ def test_teacher_trains_on_the_solutions_as_the_pipeline_renders_the_prompts(tmp
 
 def test_teacher_names_the_row_without_a_solution(tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.teacher import TeacherConfig, main
+    from pipeline.demo.teacher import TeacherConfig, main
 
     (tmp_path / "p.jsonl").write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
     cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {

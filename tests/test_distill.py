@@ -168,7 +168,7 @@ def test_feature_and_relational_kd_train_beside_the_logit_term_and_resume(tmp_pa
     from safetensors.torch import load_file
     from test_sft import killed_after_the_first_checkpoint, sft_config
 
-    from pipeline.sft import main
+    from pipeline.stages.sft import main
 
     cfg = dict(kd="online", teacher=str(tiny_llama), feature_kd=True, relation_kd=True, per_device_train_batch_size=4)
     killed_after_the_first_checkpoint(sft_config(tmp_path, tiny_qwen, traces, max_steps=4, **cfg), monkeypatch)
@@ -195,7 +195,7 @@ def test_an_ensemble_of_two_copies_teaches_what_one_does(tmp_path: Path, tiny_qw
                                                          traces: Path) -> None:
     from test_sft import sft_config
 
-    from pipeline.sft import main
+    from pipeline.stages.sft import main
 
     one = main(sft_config(tmp_path / "one", tiny_qwen, traces, max_steps=2, kd="online", teacher=str(tiny_llama)))
     two = main(sft_config(tmp_path / "two", tiny_qwen, traces, max_steps=2, kd="online",
@@ -210,7 +210,7 @@ def test_mutual_learning_trains_and_saves_both_students(tmp_path: Path, tiny_qwe
     from safetensors.torch import load_file
     from test_sft import sft_config
 
-    from pipeline.sft import main
+    from pipeline.stages.sft import main
 
     out = main(sft_config(tmp_path, tiny_qwen, traces, max_steps=2, kd="mutual", mutual_peer=str(tiny_llama)))
     for key in ("ce_loss", "kd_loss", "peer_ce_loss", "peer_kd_loss"):
@@ -228,7 +228,7 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, t
     import yaml
     from test_sft import sft_config
 
-    from pipeline.sft import main
+    from pipeline.stages.sft import main
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, max_steps=2, generations=2)
     out = main(cfg)
@@ -251,7 +251,7 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, t
 ])
 def test_method_keys_that_cannot_work_are_refused(tmp_path: Path, overrides: dict, message: str) -> None:
     from pipeline.config import load_config
-    from pipeline.sft import SFTStageConfig
+    from pipeline.stages.sft import SFTStageConfig
 
     with pytest.raises(ValueError, match=message):
         load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False,

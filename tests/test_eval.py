@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.eval import (EvalConfig, _sample_ensemble, _sample_transformers, common_prompts,
+from pipeline.stages.eval import (EvalConfig, _sample_ensemble, _sample_transformers, common_prompts,
                            ensemble_next_token_probs, main, majority_correct, metrics, model_fingerprint, pass_at_k,
                            report_markdown)
 
@@ -99,7 +99,7 @@ def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
 def test_a_model_retrained_in_place_is_refused_then_sampled_again_on_overwrite(tmp_path: Path, tiny_qwen: Path,
                                                                               tiny_llama: Path, caplog) -> None:
     from pipeline.config import UserError
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     model = shutil.copytree(tiny_qwen, tmp_path / "student")
     values = eval_values(tmp_path, [f"student={model}"], "transformers", "eval", max_prompts=2, num_samples=1,
@@ -182,7 +182,7 @@ def test_vllm_and_transformers_agree_greedily(tmp_path: Path, tiny_qwen: Path) -
 
 @pytest.mark.slow
 def test_a_prompt_too_long_for_one_model_is_left_out_for_all(tmp_path: Path, tiny_qwen: Path) -> None:
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     short = build_model(tmp_path / "short", max_position_embeddings=128)  # the long prompt does not fit
     rows = [{"id": "p1", "prompt": "What is 1+1?", "answer": "2"},
@@ -313,7 +313,7 @@ def test_an_ensemble_is_scored_and_its_samples_reused(tmp_path: Path, tiny_qwen:
 
 
 def test_an_ensemble_of_different_tokenizers_is_refused(tmp_path: Path, tiny_qwen: Path) -> None:
-    from pipeline.tiny import build_model, build_tokenizer
+    from pipeline.demo.tiny import build_model, build_tokenizer
 
     other = build_model(tmp_path / "other", arch="llama", hidden_size=64, num_layers=1,
                         tokenizer=build_tokenizer(merges_from=["What is 12 + 34? Think step by step."] * 4))

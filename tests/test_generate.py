@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.config import UserError, load_config
-from pipeline.generate import GenerateConfig, generate, sample_seed, split_think
+from pipeline.stages.generate import GenerateConfig, generate, sample_seed, split_think
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
@@ -170,7 +170,7 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.records import vocab_fingerprint
+    from pipeline.traces import vocab_fingerprint
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -220,10 +220,10 @@ def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm
     """R1-Distill, QwQ and Qwen3-thinking templates end the generation prompt with '<think>\\n'.
     Such a template is emulated by rendering ChatML and appending what they append (vLLM's
     tokenizer wrapper keeps its own copy of the template)."""
-    import pipeline.generate
+    import pipeline.stages.generate
 
-    chatml = pipeline.generate.render
-    monkeypatch.setattr(pipeline.generate, "render", lambda tokenizer, prompt: chatml(tokenizer, prompt) + "<think>\n")
+    chatml = pipeline.stages.generate.render
+    monkeypatch.setattr(pipeline.stages.generate, "render", lambda tokenizer, prompt: chatml(tokenizer, prompt) + "<think>\n")
     ds = generate(config(tmp_path, tiny_qwen, max_prompts=3, temperatures=[1.0], max_tokens=8), llm)
     truncated = [r for r in ds if r["finish_reason"] == "length"]
     assert truncated, "a random model should run out of 8 tokens"

@@ -18,7 +18,7 @@ import requests
 import yaml
 
 from pipeline.config import load_config
-from pipeline.onpolicy import OnPolicyConfig, main
+from pipeline.stages.onpolicy import OnPolicyConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny
     from test_sft import killed_after_the_first_checkpoint
 
     from pipeline.config import UserError
-    from pipeline.onpolicy import StepTimes
+    from pipeline.stages.onpolicy import StepTimes
 
     # Killed after checkpoint-1 of 2, then started again: it resumes, and its counts go on from there.
     killed_after_the_first_checkpoint(onpolicy_config(tmp_path, tiny_llama, tiny_qwen), monkeypatch, main, StepTimes)
@@ -85,7 +85,7 @@ def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_l
 
 def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
     from pipeline.config import UserError
-    from pipeline.onpolicy import build_trainer
+    from pipeline.stages.onpolicy import build_trainer
 
     with pytest.raises(UserError, match="name one teacher"):
         onpolicy_config(tmp_path, tiny_llama, tiny_qwen, teacher_server="http://127.0.0.1:9")
@@ -115,7 +115,7 @@ def free_port() -> int:
 def unpadded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A teacher and a student with one logit per token: the local paths cut logits to the tokenizer
     and a server cannot, so only without padding rows are the two losses the same number."""
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     return (build_model(tmp_path_factory.mktemp("teacher"), arch="qwen2", pad_vocab=False),
             build_model(tmp_path_factory.mktemp("student"), arch="llama", pad_vocab=False, seed=1))
@@ -180,8 +180,8 @@ def test_sft_online_kd_from_a_served_teacher(tmp_path: Path, unpadded: tuple[Pat
 
     tiny_qwen, tiny_llama = unpadded
     vocab = AutoConfig.from_pretrained(tiny_qwen).vocab_size
-    from pipeline.sft import SFTStageConfig
-    from pipeline.sft import main as sft_main
+    from pipeline.stages.sft import SFTStageConfig
+    from pipeline.stages.sft import main as sft_main
 
     traces = tmp_path / "traces"
     Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
@@ -223,8 +223,8 @@ def test_one_server_serves_two_runs_at_once(tmp_path: Path, unpadded: tuple[Path
 
 
 def test_served_teacher_with_another_tokenizer_is_refused(tmp_path: Path, teacher_server: str) -> None:
-    from pipeline.teacher_server import check_tokenizer
-    from pipeline.tiny import build_tokenizer
+    from pipeline.inference.teacher_server import check_tokenizer
+    from pipeline.demo.tiny import build_tokenizer
 
     with pytest.raises(ValueError, match="tokenizes differently.*GOLD"):
         check_tokenizer(teacher_server, build_tokenizer(merges_from=OTHER_TEXTS), "the student")
@@ -235,7 +235,7 @@ def test_served_teacher_with_another_tokenizer_is_refused(tmp_path: Path, teache
 @pytest.fixture(scope="module")
 def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny teacher whose tokenizer has learnt merges: other ids, other splits, same chat format."""
-    from pipeline.tiny import build_model, build_tokenizer
+    from pipeline.demo.tiny import build_model, build_tokenizer
 
     return build_model(tmp_path_factory.mktemp("other-teacher"), arch="llama", hidden_size=128,
                        tokenizer=build_tokenizer(merges_from=OTHER_TEXTS))
@@ -267,7 +267,7 @@ def test_plain_kd_refuses_another_tokenizer_and_points_to_gold(tmp_path: Path, t
     from transformers import AutoTokenizer
 
     from pipeline.distill import teachers
-    from pipeline.sft import SFTStageConfig
+    from pipeline.stages.sft import SFTStageConfig
 
     cfg = load_config(SFTStageConfig, None, {"output_dir": str(tmp_path), "model": str(tiny_llama), "kd": "online",
                                              "teacher": str(other_teacher), "use_cpu": True, "bf16": False,

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.engine import run_replicas
-from pipeline.generate import GenerateConfig, generate
+from pipeline.inference.engine import run_replicas
+from pipeline.stages.generate import GenerateConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_two_ray_actors_on_a_local_ray_instance(tmp_path: Path, tiny_qwen: Path,
 
 def test_eval_on_two_replicas_scores_as_one_engine(tmp_path: Path, tiny_qwen: Path) -> None:
     """The eval stage's vLLM backend is the generate stage per model: 2 replicas split its prompts."""
-    from pipeline.eval import EvalConfig, main
+    from pipeline.stages.eval import EvalConfig, main
 
     def evaluate(out: str, replicas: int) -> tuple[dict, list]:
         report = main(load_config(EvalConfig, None, {

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.sft import SFTStageConfig, load_traces, main
+from pipeline.stages.sft import SFTStageConfig, load_traces, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Pat
 
 def test_max_train_samples_takes_a_seeded_subset_or_says_there_are_too_few(tmp_path: Path, tiny_qwen: Path,
                                                                          traces: Path) -> None:
-    from pipeline.sft import build_trainer
+    from pipeline.stages.sft import build_trainer
 
     def prompts(seed: int, n: int) -> list[str]:
         cfg = sft_config(tmp_path, tiny_qwen, traces, max_train_samples=n, seed=seed)
@@ -71,7 +71,7 @@ def test_eos_ends_every_sample_and_carries_loss(tmp_path: Path, tiny_qwen: Path,
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from pipeline.sft import check_eos_trained, load_traces
+    from pipeline.stages.sft import check_eos_trained, load_traces
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, max_length=512)
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
@@ -180,7 +180,7 @@ def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_ll
 def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
     import datasets
 
-    from pipeline.sft import teacher_token_dataset
+    from pipeline.stages.sft import teacher_token_dataset
 
     # The tiny teacher itself is the student: its stored top-k rows must line up with its own tokens.
     out = main(sft_config(tmp_path, tiny_qwen, traces, kd="offline", kd_alpha=1.0, kd_temperature=1.0, max_steps=2))
@@ -365,7 +365,7 @@ def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tin
     sequences, and the teacher's rows (offline) or forward (online) stay aligned."""
     import torch
 
-    from pipeline.sft import build_trainer, distill_losses
+    from pipeline.stages.sft import build_trainer, distill_losses
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, kd=kd, teacher=str(tiny_llama) if kd == "online" else None,
                      per_device_train_batch_size=4, **{layout: True},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import UserError, load_config
-from pipeline.shrink import ShrinkConfig, block_influence, every_kth_layers, most_important_layers, shrink
+from pipeline.stages.shrink import ShrinkConfig, block_influence, every_kth_layers, most_important_layers, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMS = {"prompt_set": str(ROOT / "prompts/sums"), "split": "train"}
@@ -20,7 +20,7 @@ SUMS = {"prompt_set": str(ROOT / "prompts/sums"), "split": "train"}
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Five-layer random teachers, one per architecture."""
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     return {arch: build_model(tmp_path_factory.mktemp(f"teacher-{arch}"), arch=arch, num_layers=5, seed=1)
             for arch in ("qwen2", "llama")}
@@ -95,7 +95,7 @@ def test_importance_drops_an_idle_layer_first(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.prompts import load_prompts, render
-    from pipeline.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
     teacher_dir = build_model(tmp_path / "teacher", num_layers=4, seed=2)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -139,8 +139,8 @@ def test_vllm_samples_the_student_as_transformers_does(students: dict, tmp_path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import SamplingParams
 
-    from pipeline.engine import build_engine, shutdown
-    from pipeline.generate import GenerateConfig
+    from pipeline.inference.engine import build_engine, shutdown
+    from pipeline.stages.generate import GenerateConfig
 
     out = students["qwen2"]
     engine = build_engine(GenerateConfig(model=str(out), max_model_len=256, dtype="float32", enforce_eager=True,

@@ -68,7 +68,8 @@ def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
 
 
 def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, caplog) -> None:
-    from pipeline import rundir, sft
+    from pipeline import rundir
+    from pipeline.stages import sft
 
     path = tmp_path / "configs/sft/x.yaml"
     run = Run("sft", "x", {"output_dir": str(tmp_path / "students/x"), "seed": 0, "use_cpu": True, "bf16": False,
@@ -119,7 +120,8 @@ def test_an_old_reduced_section_names_its_new_key(tmp_path: Path) -> None:
 
 
 def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    from pipeline import rundir, sft
+    from pipeline import rundir
+    from pipeline.stages import sft
 
     cfg = study(output_dir=str(tmp_path), seeds=[0])
     run = next(r for r in plan(cfg, cells(cfg), tmp_path) if r.stage == "sft")

@@ -7,10 +7,10 @@
     teachers.py   where targets come from: one checkpoint, an ensemble, the previous
                   generation (born-again), a peer that trains too (mutual learning)
 
-Every one is a configuration of the sft stage (pipeline/sft.py, `SFTStageConfig`), each term
+Every one is a configuration of the sft stage (pipeline/stages/sft.py, `SFTStageConfig`), each term
 weighted beside CE (`term_weights`) and computed in `distill_losses`. Other relatives live
-apart: on-policy distillation is its own stage (pipeline/onpolicy.py), a student cut from the
-teacher's layers is the shrink stage (pipeline/shrink.py), sequence-level distillation is SFT
+apart: on-policy distillation is its own stage (pipeline/stages/onpolicy.py), a student cut from the
+teacher's layers is the shrink stage (pipeline/stages/shrink.py), sequence-level distillation is SFT
 on the generate stage's traces.
 
 A new method: its loss as a pure function over tensors in the file of its kind of knowledge (a

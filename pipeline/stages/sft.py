@@ -12,7 +12,7 @@ trained beside this one (`kd: mutual`), or the previous generation (`generations
 template keeps the think block, every sample ends in the student's EOS and the EOS carries
 loss, no sample is cut silently, offline rows are raw and from the student's vocabulary.
 Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `distill_losses` and tests/test_sft.py.
-Output layout and resume: pipeline/student.py.
+Output layout and resume: pipeline/training.py.
 """
 
 from __future__ import annotations
@@ -25,22 +25,22 @@ from typing import Any, Literal
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import teacher_server
+from pipeline.inference import teacher_server
 from pipeline.config import UserError, require, setting
 from pipeline.distill import features, relations, teachers
 from pipeline.distill.logits import LOG_ZERO, chunked_kd_loss
-from pipeline.records import load_traces, vocab_fingerprint
+from pipeline.prompts import CHATML_TEMPLATE
+from pipeline.traces import load_traces, vocab_fingerprint
 from pipeline.rundir import Run, RunKeys, fingerprint
-from pipeline.student import (TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, traces_teacher,
+from pipeline.training import (TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, traces_teacher,
                               train_and_save)
-from pipeline.tiny import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
-    """Every SFTConfig / TrainingArguments field, the LoRA keys (pipeline/student.py), and the keys below."""
+    """Every SFTConfig / TrainingArguments field, the LoRA keys (pipeline/training.py), and the keys below."""
 
     output_dir: str | None = setting(None, help="checkpoints and the final student model (with its card, "
                                                 "train_summary.json and config.yaml)")
@@ -118,7 +118,7 @@ class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
         require(self, "model", "dataset", example="configs/sft.yaml")
 
 
-FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/student.py)
+FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/training.py)
 
 
 def main(cfg: SFTStageConfig) -> Path:

@@ -8,7 +8,7 @@ Which divergence is optimised depends on the teacher (the model card says which 
   between the full next-token distributions of student and teacher, both softened by
   `temperature`, on the student's own samples: beta = 1 is reverse KL (mode-seeking, the usual
   on-policy choice), beta = 0 forward KL. Chunked over the vocabulary (TRL's kernel).
-- a served teacher (`teacher_server`, pipeline/teacher_server.py): TRL's ServerDistillationTrainer.
+- a served teacher (`teacher_server`, pipeline/inference/teacher_server.py): TRL's ServerDistillationTrainer.
   The server returns top-k log-probs only, so beta = 0 is forward KL over the teacher's top-k ids
   plus one tail bucket, and beta > 0 is generalized JSD over a top-1 support (the teacher's argmax
   and the sampled token) plus a tail bucket: a far coarser signal than the local path's.
@@ -19,7 +19,7 @@ Which divergence is optimised depends on the teacher (the model card says which 
 
 Prompts come from a prompt set exactly as in generate (files, hub ids, column maps, templates).
 The student samples with HF generate here; `use_vllm` is TRL's (see README for vLLM 0.32).
-Output layout and resume: pipeline/student.py; train_summary.json adds where the steps' time went
+Output layout and resume: pipeline/training.py; train_summary.json adds where the steps' time went
 (sampling, teacher scoring, the rest) and the student's sampled tokens per second.
 """
 
@@ -36,16 +36,15 @@ from typing import Any, ClassVar, Literal
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
-from pipeline import teacher_server
+from pipeline.inference import teacher_server
 from pipeline.config import UserError, require, setting
-from pipeline.prompts import PromptSource, chat_prompt, load_prompts
-from pipeline.records import load_traces
+from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
+from pipeline.traces import load_traces
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
-from pipeline.student import TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, train_and_save
-from pipeline.tiny import CHATML_TEMPLATE
+from pipeline.training import TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, train_and_save
 
 log = logging.getLogger(__name__)
-FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/student.py)
+FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/training.py)
 
 
 @dataclass

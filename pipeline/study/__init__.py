@@ -33,7 +33,6 @@ run whose config changed since is refused before any run starts.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import logging
 import json
@@ -51,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import rundir
+from pipeline import rundir, stages
 from pipeline.config import UserError, load_config, parse_yaml, require, setting
 
 log = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     for run in runs:  # every config is checked before anything runs
         check_config(run)
     if cfg.student_init:
-        from pipeline.tiny import build_model
+        from pipeline.demo.tiny import build_model
 
         peers = PEER_INIT in json.dumps([c.overrides for c in grid])
         for seed in [*cfg.seeds, *([s + PEER_OFFSET for s in cfg.seeds] if peers else [])]:
@@ -314,12 +313,9 @@ def check_config(run: Run) -> None:
 
 def stage_config(run: Run) -> tuple[Any, Any]:
     """The stage module and the run's config, loaded as `python -m pipeline STAGE` loads it."""
-    from pipeline.cli import COMMANDS
-
-    module_name, class_name, _ = COMMANDS[run.stage]
-    module = importlib.import_module(module_name)
+    module, cls = stages.stage(run.stage)
     try:
-        return module, load_config(getattr(module, class_name), run.path)
+        return module, load_config(cls, run.path)
     except UserError as err:
         raise UserError(f"{run.stage} run {run.name} ({run.path}): {err}") from None
 
@@ -595,8 +591,3 @@ def load(cls: type, path: str | None, overrides: dict[str, Any]) -> StudyConfig:
 def load_study(path: str | None, overrides: dict[str, Any]) -> StudyConfig:
     return load(StudyConfig, path, dict(overrides))
 
-
-if __name__ == "__main__":
-    from pipeline.cli import main as cli
-
-    cli(["study", *sys.argv[1:]])

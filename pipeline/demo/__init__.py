@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pipeline.config import UserError, setting
-from pipeline.tiny import build_model
+from pipeline.demo.tiny import build_model
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,3 @@ def main(cfg: DemoConfig) -> dict[str, float]:
         log.info(f"  {what:9} {out / path}")
     return timings
 
-
-if __name__ == "__main__":
-    from pipeline.cli import main as cli
-
-    cli(["demo", *sys.argv[1:]])

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Literal
 
 from pipeline.config import UserError, config_to_dict, require, setting
 from pipeline.prompts import PromptSource, load_prompts
-from pipeline.records import save_dataset
+from pipeline.traces import save_dataset
 from pipeline.rundir import RunKeys, fingerprint, open_run
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pipeline.config import require, setting
+from pipeline.prompts import CHATML_TEMPLATE
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 HEAD_DIM = 64
 
@@ -122,8 +117,3 @@ def main(cfg: TinyConfig) -> Path:
     logging.getLogger(__name__).info(f"saved {out}")
     return out
 
-
-if __name__ == "__main__":
-    from pipeline.cli import main as cli
-
-    cli(["tiny", *sys.argv[1:]])

@@ -1,7 +1,7 @@
 """Train the demo teacher: a small Qwen2 learns a prompt set's worked solutions with TRL.
 
 The demo needs a teacher that can reason about something on a CPU with no model hub. This
-builds a random Qwen2 (`pipeline/tiny.py`), turns the prompt set's `solution` column into
+builds a random Qwen2 (`pipeline/demo/tiny.py`), turns the prompt set's `solution` column into
 prompt-completion records (the prompt rendered exactly as generate and eval render it), runs
 the sft stage on them, and scores the result with the eval stage (`eval_config`'s protocol, the
 demo's, into `eval_dir`). The shipped `prompts/arithmetic/teacher` was made this way (`make teacher`).
@@ -18,10 +18,10 @@ from typing import Any
 
 from pipeline.config import UserError, load_config, require, setting
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
-from pipeline.records import save_dataset
-from pipeline.sft import SFTStageConfig
-from pipeline.sft import main as sft_main
-from pipeline.tiny import build_model
+from pipeline.traces import save_dataset
+from pipeline.stages.sft import SFTStageConfig
+from pipeline.stages.sft import main as sft_main
+from pipeline.demo.tiny import build_model
 
 
 @dataclass
@@ -71,7 +71,7 @@ def main(cfg: TeacherConfig) -> Path:
         f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline teacher` "
         f"(`make teacher`), every key in `config.yaml` beside this card.\n")
     if scoring:
-        from pipeline.eval import main as eval_main
+        from pipeline.stages.eval import main as eval_main
 
         eval_main(scoring)
     return out
@@ -80,7 +80,7 @@ def main(cfg: TeacherConfig) -> Path:
 def eval_config(cfg: TeacherConfig) -> Any:
     """The eval stage's config that scores the trained teacher: `eval_config`'s protocol on the
     teacher's prompt set and column mapping (its eval split, not the training split)."""
-    from pipeline.eval import EvalConfig
+    from pipeline.stages.eval import EvalConfig
 
     source = {f.name: getattr(cfg, f.name) for f in fields(PromptSource) if f.name not in ("split", "max_prompts")}
     scoring = load_config(EvalConfig, cfg.eval_config, {**source, "models": [f"teacher={cfg.output_dir}"],
@@ -102,8 +102,3 @@ def solution_records(src: PromptSource, column: str) -> list[dict[str, Any]]:
         records += [{"prompt": chat_prompt(p), "completion": [{"role": "assistant", "content": s}]} for s in solutions]
     return records
 
-
-if __name__ == "__main__":
-    from pipeline.cli import main as cli
-
-    cli(["teacher", *sys.argv[1:]])

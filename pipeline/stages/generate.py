@@ -2,7 +2,7 @@
 
 Every (prompt id, temperature, sample index) is one vLLM request with its own derived seed,
 so a run reproduces and samples differ. With `data_parallel_size: N` the prompts are split over
-N engine replicas (local processes, or Ray actors with `ray_address`; pipeline/engine.py). Samples
+N engine replicas (local processes, or Ray actors with `ray_address`; pipeline/inference/engine.py). Samples
 go to shard files as they finish, written atomically; a killed run started again with the same
 command samples only what no shard holds. Requests enter each engine through a bounded window
 and the dataset and exports are written from the shards in batches: a run's samples never sit
@@ -35,10 +35,10 @@ from typing import Any, Iterator, Literal
 from tqdm.auto import tqdm
 
 from pipeline.config import UserError, require, setting
-from pipeline.curate import CurateConfig, curate_traces
-from pipeline.engine import EngineConfig, build_engine, run_replicas, shutdown
+from pipeline.stages.curate import CurateConfig, curate_traces
+from pipeline.inference.engine import EngineConfig, build_engine, run_replicas, shutdown
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.records import (assemble, records_to_table, release_memory, save_dataset, stored_keys,
+from pipeline.traces import (assemble, records_to_table, release_memory, save_dataset, stored_keys,
                               vocab_fingerprint, write_jsonl, write_shard)
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 

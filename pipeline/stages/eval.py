@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import UserError, config_to_dict, require, setting
-from pipeline.curate import ScoringConfig, score_texts, scored_text
-from pipeline.engine import EngineConfig
-from pipeline.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
+from pipeline.stages.curate import ScoringConfig, score_texts, scored_text
+from pipeline.inference.engine import EngineConfig
+from pipeline.stages.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
 from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.records import save_dataset
+from pipeline.traces import save_dataset
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import assemble, records_to_table, stored_keys, write_shard
+from pipeline.traces import assemble, records_to_table, stored_keys, write_shard
 
 
 def record(pid: str, answer: str | None) -> dict:
