@@ -71,7 +71,7 @@ onpolicy: $(STAMP)
 eval: $(STAMP)
 	$(LAUNCH) eval --config $(or $(CONFIG),configs/eval.yaml) $(ARGS)
 
-# generate -> sft (two students) -> eval with the shipped teacher: 12 minutes on 2 cores.
+# generate -> sft (two students) -> eval with the shipped teacher (its time: BENCHMARKS.md).
 demo: $(STAMP)
 	$(PY) -m pipeline demo $(ARGS)
 

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 from _common import machine, save
-from pipeline.stages.eval import EvalConfig, _sample_transformers
-from pipeline.stages.generate import GenerateConfig, build_engine, generate
-from pipeline.prompts import load_prompts
+
 from pipeline.demo.tiny import build_model
+from pipeline.inference.engine import build_engine
+from pipeline.inference.hf import sample_transformers
+from pipeline.prompts import load_prompts
+from pipeline.stages.eval import EvalConfig
+from pipeline.stages.generate import GenerateConfig, generate
 
 # --quick: the smallest run of both backends (checks the script, measures nothing).
 QUICK = {"prompts": 2, "k": 1, "max_tokens": 8, "reps": 1}
@@ -47,7 +50,8 @@ def main() -> None:
 
     start = time.perf_counter()
     gen = GenerateConfig(model=model, prompt_set=cfg.prompt_set, split="test", max_prompts=args.prompts,
-                         temperatures=[cfg.temperature], num_samples=args.k, top_p=cfg.top_p, max_tokens=args.max_tokens,
+                         temperatures=[cfg.temperature], num_samples=args.k, top_p=cfg.top_p,
+                         max_tokens=args.max_tokens,
                          dtype="float32", max_model_len=1024, enforce_eager=True, curate=False, export=[],
                          output_dir="runs/demo/traces")
     llm = build_engine(gen)
@@ -60,7 +64,8 @@ def main() -> None:
         vllm_tokens = sum(generate(gen, llm)["completion_tokens"])
         vllm_s = time.perf_counter() - t
         t = time.perf_counter()
-        hf_tokens = sum(r["completion_tokens"] for r in _sample_transformers(cfg, model, prompts))
+        samples = sample_transformers(cfg, model, prompts, cfg.temperature, cfg.dtype)
+        hf_tokens = sum(r["completion_tokens"] for r in samples)
         hf_s = time.perf_counter() - t
         row = {"vllm_tok_s": vllm_tokens / vllm_s, "transformers_tok_s": hf_tokens / hf_s}
         row["ratio"] = row["vllm_tok_s"] / row["transformers_tok_s"]

@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 from _common import machine, save
-from pipeline.inference.engine import build_engine
-from pipeline.stages.generate import GenerateConfig, generate, sample_seed
-from pipeline.prompts import load_prompts, render
+
 from pipeline.demo.tiny import build_model
+from pipeline.inference.engine import build_engine
+from pipeline.inference.sampling import sample_seed
+from pipeline.prompts import load_prompts, render
+from pipeline.stages.generate import GenerateConfig, generate
 
 
 def plain_vllm(llm, cfg: GenerateConfig, seeded: bool) -> tuple[int, float]:

@@ -42,9 +42,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import peak_kb, reset_peak, status_kb
-from pipeline.distill.logits import chunked_kd_loss, combine, naive_kd_loss
+
+from pipeline.distill.logits import chunked_kd_loss
+from pipeline.distill.reference import combine, naive_kd_loss
 
 MB = 2**20
 # --quick: the smallest sizes that still take several chunks (checks the script, measures nothing).
@@ -143,8 +144,8 @@ def main() -> None:
 
     logits_mb = args.tokens * args.vocab * 4 / MB
     # The naive loss holds about five [tokens, vocab] fp32 tensors at its peak; refuse to swap.
-    avail_mb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
-                        if l.startswith("MemAvailable")).split()[1]) / 1024
+    avail_mb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                        if line.startswith("MemAvailable")).split()[1]) / 1024
     if 6 * logits_mb > avail_mb:
         raise SystemExit(f"the naive variant needs about {6 * logits_mb:.0f} MB and {avail_mb:.0f} MB "
                          "are available: lower --tokens or --vocab")

@@ -7,7 +7,7 @@ without loss). Each step is forward, backward, AdamW step, fp32 on CPU:
 - sft: the student's own forward with labels (transformers' loss over full logits: what TRL's
   SFTTrainer runs);
 - teacher forward: the teacher's plain forward alone (no gradients);
-- offline KD: the sft stage's loss (`pipeline.stages.sft.distill_losses`, forward KL at T = 2 + CE) against
+- offline KD: the sft stage's loss (`pipeline.distill.objective.distill_losses`, forward KL at T = 2 + CE) against
   top-20 rows precomputed from the teacher, as the generate stage stores them;
 - online KD: the same loss with the live teacher.
 
@@ -31,10 +31,10 @@ import time
 from types import SimpleNamespace
 
 import torch
-
 from _common import machine, save
-from pipeline.distill.logits import combine
-from pipeline.stages.sft import distill_losses
+
+from pipeline.distill.objective import distill_losses
+from pipeline.distill.reference import combine
 
 WARMUP = 2
 PROMPT = 32
@@ -73,7 +73,8 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     kept = labels[:, 1:] != -100
     with torch.no_grad():  # what the generate stage stores: top-k log-probs at T = 1 and the rest
-        logprobs = torch.log_softmax(teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][kept], -1)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        logprobs = torch.log_softmax(teacher(**inputs).logits[:, :-1][kept], -1)
         top = logprobs.topk(args.k, dim=-1)
         rest = torch.log(-torch.expm1(torch.logsumexp(top.values, -1)))
     offline = {**batch, "teacher_topk_ids": top.indices, "teacher_topk_logprobs": top.values.half().float(),
@@ -115,7 +116,7 @@ def main() -> None:
             "labels": torch.cat([varlen["labels"][i, :n] for i, n in enumerate(lengths)])[None],
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], **var_rows}
     a, b = (distill_losses(student, student, [], [], x, kd, args.vocab) for x in (padded, flat))
-    assert torch.allclose(a["kd_loss"], b["kd_loss"], rtol=1e-4) and torch.allclose(a["ce_loss"], b["ce_loss"], rtol=1e-4)
+    assert all(torch.allclose(a[key], b[key], rtol=1e-4) for key in ("kd_loss", "ce_loss"))
 
     variants = {
         "sft": lambda: step(lambda: student(**batch).loss),

@@ -161,8 +161,8 @@ def sums_traces(path: Path, records: int) -> Path:
     """Prompt-completion records from prompts/sums' train rows, their worked solutions as completions."""
     import datasets
 
-    from pipeline.prompts import PromptSource
     from pipeline.demo.teacher import solution_records
+    from pipeline.prompts import PromptSource
 
     source = PromptSource(prompt_set="prompts/sums", split="train", max_prompts=math.ceil(records / 4))
     rows = solution_records(source, "solutions")[:records]
@@ -435,7 +435,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     if build_tokenizer().get_vocab() != AutoTokenizer.from_pretrained(TEACHER).get_vocab():
-        raise SystemExit(f"pipeline.demo.tiny's tokenizer is not {TEACHER}'s: the student could not be distilled from it")
+        raise SystemExit(f"pipeline.demo.tiny's tokenizer is not {TEACHER}'s: the student could not be distilled "
+                         "from it")
     student = build_model(work / "student", **STUDENT_INIT, seed=0)
     peer = build_model(work / "peer", **STUDENT_INIT, seed=PEER_SEED)
     teacher_b = Path(shutil.copytree(TEACHER, work / "teacher-b"))

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import StepTimer, machine, save
+
 from pipeline.config import load_config
-from pipeline.stages.onpolicy import OnPolicyConfig, build_trainer, prompt_dataset, train_summary
 from pipeline.demo.tiny import build_model
+from pipeline.stages.onpolicy import OnPolicyConfig, build_trainer, prompt_dataset, train_summary
 
 WARMUP = 2
 QUICK = {"steps": WARMUP + 1, "batch": 4, "length": 16}

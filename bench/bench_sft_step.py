@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 from _common import StepTimer, machine, save
+
 from pipeline.config import load_config
-from pipeline.prompts import PromptSource
-from pipeline.stages.sft import SFTStageConfig, build_trainer
 from pipeline.demo.teacher import solution_records
 from pipeline.demo.tiny import build_model
+from pipeline.prompts import PromptSource
+from pipeline.stages.sft import SFTStageConfig, build_trainer
 
 WARMUP = 2
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).

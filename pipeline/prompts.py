@@ -196,14 +196,14 @@ def _resolve_columns(source: str, present: Any, wanted: dict[str, str | None],
                      require_answers: bool) -> dict[str, str | None]:
     present = list(present)
     names: dict[str, str | None] = {}
-    for field, column in wanted.items():
+    for key, column in wanted.items():
         if column is not None:
             if column not in present:
-                raise UserError(f"{source}: no column {column!r} (set as the {field} column); "
+                raise UserError(f"{source}: no column {column!r} (set as the {key} column); "
                                      f"columns present: {', '.join(present)}")
-            names[field] = column
+            names[key] = column
         else:
-            names[field] = next((c for c in DEFAULT_COLUMNS[field] if c in present), None)
+            names[key] = next((c for c in DEFAULT_COLUMNS[key] if c in present), None)
     if names["prompt"] is None:
         raise UserError(f"{source}: no prompt column; set prompt_column to one of: {', '.join(present)}")
     if require_answers and names["answer"] is None:

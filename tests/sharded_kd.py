@@ -1,4 +1,4 @@
-"""One online-KD step of the sft stage's loss (pipeline.stages.sft.distill_losses) on 1 process, or on N
+"""One online-KD step of the sft stage's loss (distill/objective.py distill_losses) on 1 process, or on N
 processes with student and teacher sharded. Run by tests/test_sft.py:
 
     torchrun --nproc_per_node 2 tests/sharded_kd.py STUDENT TEACHER OUT WRAP
@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-import pipeline.stages.sft
-from pipeline.distill.logits import combine
-from pipeline.stages.sft import distill_losses
+import pipeline.distill.objective
+from pipeline.distill.objective import distill_losses
+from pipeline.distill.reference import combine
 
 BATCH, LENGTH, PROMPT = 4, 24, 6
 KD = SimpleNamespace(kd_temperature=2.0, kd_divergence="forward_kl", kd_beta=0.5, kd_chunk_size=16, kd_alpha=0.5,
@@ -97,14 +97,14 @@ def main(student_dir: str, teacher_dir: str, out: str, wrap: str = "accelerate")
         shard(student, wrap)
         shard(teacher, wrap)
     heads = []  # how the teacher's, then the student's head weight is held when the loss reads it
-    through_head = pipeline.stages.sft.through_head
+    through_head = pipeline.distill.objective.through_head
 
     def spy(module: torch.nn.Module, *args) -> object:
         weight = module.get_output_embeddings().weight
         heads.append("placeholder" if weight.numel() == 0 else type(weight).__name__)
         return through_head(module, *args)
 
-    pipeline.stages.sft.through_head = spy
+    pipeline.distill.objective.through_head = spy
     losses = distill_losses(model, student, [teacher_model], [teacher], inputs, KD, vocab, num_items)
     # Each process's loss is its share of the whole batch; FSDP and ZeRO average gradients over processes.
     loss = combine(losses["ce_loss"], losses["kd_loss"], 0.5) * world

@@ -80,6 +80,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert load_config(GenerateConfig, tmp_path / "config.yaml") == cfg
 
 
+@pytest.mark.slow  # a process: `python -m pipeline` itself (the same error in-process: tests/test_cli.py)
 def test_cli_reports_unknown_key_without_starting_anything() -> None:
     result = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
                              "--temprature", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -104,15 +105,16 @@ ENGINE_CONFIGS = [p for p in SHIPPED if p.stem in ("generate", "eval")]
 @pytest.mark.parametrize("path", ENGINE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 @pytest.mark.parametrize("extra", [{}, {"tensor_parallel_size": "2", "distributed_executor_backend": "ray"}],
                          ids=["as shipped", "ray executor"])
+@pytest.mark.slow  # imports vLLM (seconds)
 def test_engine_arguments_build_a_vllm_engine_config(path: Path, extra: dict, tmp_path_factory) -> None:
     """What each shipped config hands vllm.LLM, checked by vLLM itself without weights: a stand-in
     model dir with a long-context config takes the place of the hub teacher. Data parallelism is
     replicas of ours: vLLM's offline LLM refuses data_parallel_size > 1."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from pipeline.demo.tiny import build_model
     from pipeline.inference.engine import engine_kwargs
     from pipeline.stages.eval import EvalConfig, generate_config
-    from pipeline.demo.tiny import build_model
 
     stand_in = tmp_path_factory.getbasetemp() / "long-context-stand-in"
     if not stand_in.exists():

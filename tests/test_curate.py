@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.stages.curate import CurateConfig, filter_traces, ngrams, contamination_index, score_dataset, score_one
-from pipeline.stages.generate import FREE_KEYS, GenerateConfig
+from pipeline.curation import CurateConfig, contamination_index, filter_traces, ngrams
 from pipeline.rundir import open_run
+from pipeline.scoring import score_dataset, score_one
+from pipeline.stages.generate import FREE_KEYS, GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"pattern": r"ANSWER:\s*(\w+)", "tolerance": 1e-6, "choices": "ABCDE", "timeout": 5}
@@ -50,11 +51,12 @@ def test_math_extracts_the_boxed_answer_inside_prose() -> None:
     assert verdict == "correct" and extracted == "4"
 
 
+@pytest.mark.slow
 def test_timeout_is_a_verdict_even_when_scoring_runs_in_a_thread() -> None:
     import datasets
 
-    rows = [{"completion": [{"role": "assistant", "content": SLOW[1]}], "think_closed": False, "reference_answer": SLOW[0]},
-            {"completion": [{"role": "assistant", "content": "\\boxed{2}"}], "think_closed": False, "reference_answer": "2"}]
+    rows = [{"completion": [{"role": "assistant", "content": text}], "think_closed": False, "reference_answer": ref}
+            for text, ref in ((SLOW[1], SLOW[0]), ("\\boxed{2}", "2"))]
     result = {}
     # math-verify's timeout is signal-based and fails outside a main thread; scoring must not care.
     thread = threading.Thread(target=lambda: result.update(
@@ -86,7 +88,8 @@ def test_filter_counts_on_a_built_dataset(tmp_path: Path) -> None:
         make_row("b", "y2", closed=False),  # no closed think block
         make_row("b", "y3", tokens=5),  # too short
         make_row("c", "z1"), make_row("c", "z2"), make_row("c", "z3", verdict="timeout"),
-        make_row("d", "w1", problem="Today a train leaves the station at noon and travels east at sixty miles per hour."),
+        make_row("d", "w1",
+                 problem="Today a train leaves the station at noon and travels east at sixty miles per hour."),
     ]
     cfg = CurateConfig(decontaminate_against=[f"{eval_set}:train"], require_closed_think=True,
                        min_completion_tokens=10, keep_correct_only=True, max_samples_per_prompt=1)
@@ -113,6 +116,7 @@ def test_shipped_sets_decontaminate_against_themselves() -> None:
     assert ngrams("Here is one: " + problem, 8) & index
 
 
+@pytest.mark.slow
 def test_curate_stage_alone_rescoring_an_existing_traces_dir(tmp_path: Path) -> None:
     import datasets
 
@@ -143,7 +147,8 @@ def test_curate_stage_alone_rescoring_an_existing_traces_dir(tmp_path: Path) -> 
     assert datasets.load_from_disk(str(out / "curated"))["prompt_id"] == ["a"]  # untouched
     assert curate("--keep_correct_only", "--overwrite").returncode == 0  # again, into generate's dir: samples kept
     report = json.loads((out / "curation.json").read_text())
-    assert report["scorer"] == "math" and report["samples_out"] == 1 and report["verdicts"] == {"correct": 1, "wrong": 1}
+    assert report["scorer"] == "math" and report["samples_out"] == 1
+    assert report["verdicts"] == {"correct": 1, "wrong": 1}
     assert datasets.load_from_disk(str(out / "curated"))["prompt_id"] == ["a"]
     assert datasets.load_from_disk(str(out / "samples"))["verdict"] == ["correct", "wrong"]
     assert len((out / "curated.jsonl").read_text().splitlines()) == 1

@@ -1,5 +1,6 @@
-"""The embedded demo: the shipped teacher and `make teacher`'s data (a reduced `make demo` runs in
-tests/test_make.py, as a newcomer types it)."""
+"""The embedded demo: the shipped teacher and `make teacher`'s data, without training (a reduced
+`make demo` and `make teacher`, which trains the teacher on the solutions, run in tests/test_make.py,
+as a newcomer types them)."""
 
 from __future__ import annotations
 
@@ -27,27 +28,6 @@ def test_shipped_teacher_is_a_small_qwen2_four_times_the_student(tmp_path: Path)
     assert sum(f.stat().st_size for f in teacher.iterdir()) <= 10 * 2**20
     student = build_model(tmp_path / "student", **STUDENT)
     assert parameters(student) <= parameters(teacher) / 4
-
-
-def test_teacher_trains_on_the_solutions_as_the_pipeline_renders_the_prompts(tmp_path: Path) -> None:
-    import datasets
-
-    from pipeline.config import load_config
-    from pipeline.stages.generate import chat_prompt
-    from pipeline.prompts import PromptSource, load_prompts
-    from pipeline.demo.teacher import TeacherConfig, main
-
-    values = {"output_dir": tmp_path / "model", "model": tmp_path / "init", "dataset": tmp_path / "solutions",
-              "max_prompts": 8, "max_steps": 2, "hidden_size": 64, "num_layers": 1, "save_strategy": "no",
-              "eval_config": "null"}  # no scoring here: tests/test_make.py runs `make teacher`
-    cfg = load_config(TeacherConfig, ROOT / "configs/teacher.yaml", {k: str(v) for k, v in values.items()})
-    main(cfg)
-    records = datasets.load_from_disk(str(tmp_path / "solutions"))
-    prompts = load_prompts(PromptSource(prompt_set=str(ROOT / "prompts/arithmetic"), split="train", max_prompts=8))
-    assert records["prompt"] == [chat_prompt(p) for p in prompts.prompts]
-    first = json.loads((ROOT / "prompts/arithmetic/train.jsonl").open().readline())
-    assert records[0]["completion"][0]["content"] == first["solution"]
-    assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
 def test_teacher_names_the_row_without_a_solution(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.stages.eval import (EvalConfig, _sample_ensemble, _sample_transformers, common_prompts,
-                           ensemble_next_token_probs, main, majority_correct, metrics, model_fingerprint, pass_at_k,
-                           report_markdown)
+from pipeline.inference.hf import ensemble_next_token_probs, sample_ensemble, sample_transformers
+from pipeline.scoring import majority_correct, metrics, pass_at_k
+from pipeline.stages.eval import EvalConfig, common_prompts, main, model_fingerprint, report_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,8 @@ def test_two_processes_give_the_same_samples_and_metrics(tmp_path: Path, tiny_qw
                           *eval_args(tmp_path, models, "transformers", "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "pipeline", "eval", *eval_args(tmp_path, models, "transformers", "one")],
+    one_args = eval_args(tmp_path, models, "transformers", "one")
+    one = subprocess.run([sys.executable, "-m", "pipeline", "eval", *one_args],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -164,7 +165,7 @@ def test_two_processes_give_the_same_samples_and_metrics(tmp_path: Path, tiny_qw
     md = (tmp_path / "one" / "report.md").read_text()
     assert "| qwen |" in md and "| llama |" in md and "temperature 0.6" in md
     assert (tmp_path / "one" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = subprocess.run([sys.executable, "-m", "pipeline", "eval", *eval_args(tmp_path, models, "transformers", "one")],
+    again = subprocess.run([sys.executable, "-m", "pipeline", "eval", *one_args],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("reusing") == 2 and samples("one") == samples("two")
 
@@ -264,9 +265,10 @@ def test_an_ensemble_of_one_model_is_that_model(tmp_path: Path, tiny_qwen: Path)
     cfg = load_config(EvalConfig, None, eval_values(tmp_path, [f"q={tiny_qwen}"], "transformers", "eval",
                                                    temperature=0, max_tokens=16))
     prompts = load_prompts(cfg, require_answers=True).prompts
-    reference = _sample_transformers(cfg, str(tiny_qwen), prompts)
-    assert len(reference) == 3 and _sample_ensemble(cfg, [str(tiny_qwen)], prompts) == reference
-    assert _sample_ensemble(cfg, [str(tiny_qwen)] * 2, prompts) == reference  # the mean of one distribution twice
+    protocol = (cfg.temperature, cfg.dtype)
+    reference = sample_transformers(cfg, str(tiny_qwen), prompts, *protocol)
+    assert len(reference) == 3 and sample_ensemble(cfg, [str(tiny_qwen)], prompts, *protocol) == reference
+    assert sample_ensemble(cfg, [str(tiny_qwen)] * 2, prompts, *protocol) == reference  # one distribution twice
 
     # Stopping: a copy whose generation_config also ends at a token its greedy completion makes
     # (HF generate and vLLM stop at each of those ids, not only at the tokenizer's EOS).
@@ -281,9 +283,9 @@ def test_an_ensemble_of_one_model_is_that_model(tmp_path: Path, tiny_qwen: Path)
     generation = json.loads((stopping / "generation_config.json").read_text())
     generation["eos_token_id"] = [tokenizer.eos_token_id, int(greedy[0, ids["input_ids"].shape[1] + 5])]
     (stopping / "generation_config.json").write_text(json.dumps(generation))
-    reference = _sample_transformers(cfg, str(stopping), prompts)
+    reference = sample_transformers(cfg, str(stopping), prompts, *protocol)
     assert reference[0]["finish_reason"] == "stop" and reference[0]["completion_tokens"] <= 6
-    assert _sample_ensemble(cfg, [str(stopping)], prompts) == reference
+    assert sample_ensemble(cfg, [str(stopping)], prompts, *protocol) == reference
 
 
 @pytest.mark.slow

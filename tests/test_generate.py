@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from pipeline.config import UserError, load_config
-from pipeline.stages.generate import GenerateConfig, generate, sample_seed, split_think
+from pipeline.inference.sampling import sample_seed, split_think
+from pipeline.stages.generate import GenerateConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
@@ -94,7 +95,7 @@ def test_over_long_prompt_is_skipped_and_reported(tmp_path: Path, tiny_qwen: Pat
     cfg = config(tmp_path, tiny_qwen, prompt_set=str(prompt_file), split="train", max_prompts=None)
     ds = generate(cfg, llm)
     assert set(ds["prompt_id"]) == {"short", "also-short"}
-    skipped = [json.loads(l) for l in (Path(cfg.output_dir) / "skipped.jsonl").open()]
+    skipped = [json.loads(line) for line in (Path(cfg.output_dir) / "skipped.jsonl").open()]
     assert [s["id"] for s in skipped] == ["huge"] and skipped[0]["prompt_tokens"] >= MAX_MODEL_LEN
     assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["prompts_skipped_too_long"] == 1
 
@@ -169,10 +170,10 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     import numpy as np
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
-
-    from pipeline.traces import vocab_fingerprint
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from pipeline.traces import vocab_fingerprint
 
     k = 20
     cfg = config(tmp_path, tiny_qwen, max_prompts=2, temperatures=[1.0], logprobs=k, max_tokens=16)
@@ -197,7 +198,8 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     prompt_ids = llm.get_tokenizer()(llm.get_tokenizer().apply_chat_template(
         row["prompt"].tolist(), tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
     plain = llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), SamplingParams(
-        temperature=1.0, top_p=cfg.top_p, max_tokens=16, seed=int(row["seed"]), logprobs=k), use_tqdm=False)[0].outputs[0]
+        temperature=1.0, top_p=cfg.top_p, max_tokens=16, seed=int(row["seed"]), logprobs=k),
+        use_tqdm=False)[0].outputs[0]
     assert len(plain.token_ids) == row["completion_tokens"]
     expected = [plain.logprobs[t][token].logprob for t, token in enumerate(plain.token_ids)]
     np.testing.assert_allclose(row["token_logprobs"], expected, rtol=1e-5)
@@ -220,10 +222,11 @@ def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm
     """R1-Distill, QwQ and Qwen3-thinking templates end the generation prompt with '<think>\\n'.
     Such a template is emulated by rendering ChatML and appending what they append (vLLM's
     tokenizer wrapper keeps its own copy of the template)."""
-    import pipeline.stages.generate
+    import pipeline.inference.sampling
 
-    chatml = pipeline.stages.generate.render
-    monkeypatch.setattr(pipeline.stages.generate, "render", lambda tokenizer, prompt: chatml(tokenizer, prompt) + "<think>\n")
+    chatml = pipeline.inference.sampling.render
+    monkeypatch.setattr(pipeline.inference.sampling, "render",
+                        lambda tokenizer, prompt: chatml(tokenizer, prompt) + "<think>\n")
     ds = generate(config(tmp_path, tiny_qwen, max_prompts=3, temperatures=[1.0], max_tokens=8), llm)
     truncated = [r for r in ds if r["finish_reason"] == "length"]
     assert truncated, "a random model should run out of 8 tokens"
@@ -252,7 +255,8 @@ def test_a_finished_run_is_reused_and_edits_that_would_change_it_are_refused(tmp
 def test_overwrite_is_refused_in_a_config_file(tmp_path: Path) -> None:
     path = tmp_path / "generate.yaml"
     path.write_text("output_dir: x\noverwrite: true\n")
-    with pytest.raises(UserError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command line"):
+    with pytest.raises(UserError, match=r"'overwrite' in .*generate.yaml: this key is taken only from the command "
+                                        r"line"):
         load_config(GenerateConfig, path)
     assert load_config(GenerateConfig, None, {"overwrite": "true", "output_dir": "runs/demo/traces",
                                               "model": "prompts/arithmetic/teacher",

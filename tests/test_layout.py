@@ -2,7 +2,11 @@
 above the stages (the CLI, the study, the demo)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from pipeline.stages import STAGES
 
@@ -46,3 +50,11 @@ def test_the_check_sees_a_stage_import(tmp_path):
     source = tmp_path / "x.py"
     source.write_text("def f():\n    from pipeline.stages.generate import generate\n")
     assert "pipeline.stages.generate" in imported(source)
+
+
+@pytest.mark.slow  # a process (ruff), though a quick one
+def test_ruff_passes_on_the_source_tree():
+    ruff = Path(sys.executable).parent / "ruff"
+    result = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

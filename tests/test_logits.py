@@ -15,13 +15,12 @@ from pipeline.distill.logits import (
     LOG_ZERO,
     TAIL_FLOOR,
     chunked_kd_loss,
-    combine,
     divergence,
-    naive_kd_loss,
     soften,
     student_topk_buckets,
     teacher_topk_buckets,
 )
+from pipeline.distill.reference import combine, naive_kd_loss
 
 B, L, H, HT, V = 2, 13, 16, 24, 50
 KIND_BETA = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]

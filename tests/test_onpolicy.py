@@ -12,13 +12,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 import yaml
 
 from pipeline.config import load_config
-from pipeline.stages.onpolicy import OnPolicyConfig, main
+
+if TYPE_CHECKING:
+    from pipeline.stages.onpolicy import OnPolicyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,7 +29,17 @@ OTHER_TEXTS = ["What is 12 + 30? The answer is 42.", "Résumé: a teacher spoke 
                "<think>step by step</think> so the sum is 1234."] * 30
 
 
+def main(cfg: OnPolicyConfig) -> Path:
+    """The onpolicy stage, imported when a test runs: its import (TRL, vLLM) takes seconds, and
+    collecting this file for `make test-fast` (which runs none of it) would pay them."""
+    from pipeline.stages.onpolicy import main as onpolicy_main
+
+    return onpolicy_main(cfg)
+
+
 def onpolicy_config(tmp_path: Path, student: Path, teacher: Path | None, **overrides) -> OnPolicyConfig:
+    from pipeline.stages.onpolicy import OnPolicyConfig
+
     values = {**yaml.safe_load((ROOT / "configs/onpolicy.yaml").read_text()),
               "output_dir": str(tmp_path / "student"), "model": str(student),
               "teacher": str(teacher) if teacher else None, "max_steps": 2, "per_device_train_batch_size": 4,
@@ -223,8 +236,8 @@ def test_one_server_serves_two_runs_at_once(tmp_path: Path, unpadded: tuple[Path
 
 
 def test_served_teacher_with_another_tokenizer_is_refused(tmp_path: Path, teacher_server: str) -> None:
-    from pipeline.inference.teacher_server import check_tokenizer
     from pipeline.demo.tiny import build_tokenizer
+    from pipeline.inference.teacher_server import check_tokenizer
 
     with pytest.raises(ValueError, match="tokenizes differently.*GOLD"):
         check_tokenizer(teacher_server, build_tokenizer(merges_from=OTHER_TEXTS), "the student")

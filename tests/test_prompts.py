@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.prompts import UserError, PromptSource, load_prompts
+from pipeline.prompts import PromptSource, UserError, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"qid": "a", "question": "What is 1+1?", "gold": "2", "sys": "Be brief."},
@@ -21,7 +21,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name,split,count,ending", [("arithmetic", "train", 5000, "?"), ("arithmetic", "test", 200, "?"),
+@pytest.mark.parametrize("name,split,count,ending", [("arithmetic", "train", 5000, "?"),
+                                                     ("arithmetic", "test", 200, "?"),
                                                      ("sums", "train", 4000, "?"), ("sums", "test", 200, "?"),
                                                      ("word_problems", "test", 30, "within \\boxed{}.")])
 def test_shipped_sets_load_with_answers(name: str, split: str, count: int, ending: str) -> None:
@@ -31,11 +32,14 @@ def test_shipped_sets_load_with_answers(name: str, split: str, count: int, endin
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "sums"])
-def test_shipped_splits_are_disjoint_and_made_by_the_script(tmp_path: Path, name: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / f"prompts/{name}/make.py"), "--out", str(tmp_path)], check=True)
+def test_shipped_splits_are_disjoint_and_made_by_the_script(tmp_path: Path, name: str, monkeypatch) -> None:
+    script = str(ROOT / f"prompts/{name}/make.py")
+    monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path)])
+    runpy.run_path(script, run_name="__main__")  # `python make.py --out DIR`, in this process
     for split in ("train", "test"):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"prompts/{name}/{split}.jsonl").read_bytes()
-    questions = {s: {json.loads(l)["question"] for l in (tmp_path / f"{s}.jsonl").open()} for s in ("train", "test")}
+    questions = {s: {json.loads(line)["question"] for line in (tmp_path / f"{s}.jsonl").open()}
+                 for s in ("train", "test")}
     assert not questions["train"] & questions["test"]
 
 
@@ -79,7 +83,8 @@ def test_ids_are_made_up_when_absent_and_defaults_found(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rows,src_kwargs,expected", [
     ([], {}, r"p\.jsonl: the prompt set is empty"),
-    (ROWS, {"prompt_column": "text"}, r"p\.jsonl: no column 'text' \(set as the prompt column\); columns present: qid, question"),
+    (ROWS, {"prompt_column": "text"},
+     r"p\.jsonl: no column 'text' \(set as the prompt column\); columns present: qid, question"),
     ([{"qid": "a", "question": "q1"}, {"qid": "b", "question": "q2"}, {"qid": "a", "question": "q3"}],
      {"id_column": "qid"}, r"p\.jsonl: duplicate id 'a' in rows 1 and 3"),
     ([{"question": "q1"}, {"question": ""}], {}, r"p\.jsonl, row 2: column 'question' is empty"),
@@ -106,6 +111,13 @@ def test_missing_file_split_and_bad_json(tmp_path: Path) -> None:
 
 
 def test_hub_id_is_tried_and_its_failure_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the error must still say what was tried
+    import datasets
+    import huggingface_hub
+
+    # No hub here: the error must still say what was tried. Both libraries read the variable when
+    # first imported (an earlier test may have imported them), so their flags are set too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"could not load hub dataset some-org/some-set split 'train'"):
         load_prompts(PromptSource(prompt_set="some-org/some-set"))

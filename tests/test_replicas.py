@@ -79,13 +79,17 @@ def finish_and_compare(config: Path, tiny_qwen: Path, tiny_engine, tmp_path: Pat
     assert len(keys) == len(set(keys)) == 24 * 2 * 2
     assert 0 < shards_before
 
-    # One engine, same config: the same units (texts may differ where batch composition changes the numerics).
+    # One engine, same config: the same units, each from the same prompt tokens with the same seed. The
+    # texts are not compared: batch composition changes the numerics, so a completion may differ.
     single = generate(load_config(GenerateConfig, config, {"output_dir": str(tmp_path / "single"),
                                                            "data_parallel_size": "1", "ray_address": "null"}),
                       tiny_engine)
-    assert sorted(keys) == sorted((r["prompt_id"], r["temperature"], r["sample_index"]) for r in single)
-    same = sum(a == b for a, b in zip(replicas["completion"], single["completion"]))
-    print(f"identical completions, 2 replicas vs 1 engine: {same} of {len(single)}")
+    columns = ["prompt_id", "temperature", "sample_index", "seed", "prompt_tokens", "prompt"]
+
+    def units(ds) -> list[tuple]:
+        return sorted((*(r[c] for c in columns[:-1]), str(r["prompt"])) for r in ds.select_columns(columns))
+
+    assert units(replicas) == units(single) and len(units(single)) == 24 * 2 * 2
 
 
 def test_two_process_replicas_survive_a_killed_replica(tmp_path: Path, tiny_qwen: Path, tiny_engine) -> None:
@@ -117,7 +121,7 @@ def test_two_ray_actors_on_a_local_ray_instance(tmp_path: Path, tiny_qwen: Path,
 
 
 def test_eval_on_two_replicas_scores_as_one_engine(tmp_path: Path, tiny_qwen: Path) -> None:
-    """The eval stage's vLLM backend is the generate stage per model: 2 replicas split its prompts."""
+    """The eval stage's vLLM backend is a traces run per model: 2 replicas split its prompts."""
     from pipeline.stages.eval import EvalConfig, main
 
     def evaluate(out: str, replicas: int) -> tuple[dict, list]:
@@ -126,7 +130,8 @@ def test_eval_on_two_replicas_scores_as_one_engine(tmp_path: Path, tiny_qwen: Pa
             "num_samples": 2, "max_tokens": 16, "dtype": "float32", "max_model_len": 512, "enforce_eager": True,
             "score_workers": 1, "output_dir": str(tmp_path / out), "data_parallel_size": replicas}))
         rows = [json.loads(line) for line in (tmp_path / out / "samples.jsonl").open()]
-        return report["models"], sorted((r["prompt_id"], r["sample_index"], r["completion"][0]["content"]) for r in rows)
+        texts = sorted((r["prompt_id"], r["sample_index"], r["completion"][0]["content"]) for r in rows)
+        return report["models"], texts
 
     two, one = evaluate("two", 2), evaluate("one", 1)
     assert len(one[1]) == 6 * 2 and two == one
@@ -134,7 +139,8 @@ def test_eval_on_two_replicas_scores_as_one_engine(tmp_path: Path, tiny_qwen: Pa
 
 
 def stand_in_job(cfg: GenerateConfig, share: list[str], llm) -> object:
-    """A stand-in for generate's sample_shards, without an engine: yields its share, returns its size."""
+    """A stand-in for the sampling service's sample_shards, without an engine: yields its share, returns
+    its size."""
     for item in share:
         if item == "boom":
             raise ValueError("boom")

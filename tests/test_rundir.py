@@ -90,6 +90,7 @@ def test_a_directory_without_a_record_is_refused_and_overwrite_starts_again(tmp_
     assert not (out / "stage_config.yaml").exists() and not run.complete
 
 
+@pytest.mark.slow  # a second process holds the run
 def test_a_second_run_into_one_directory_at_once_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = textwrap.dedent(f"""

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.stages.sft import SFTStageConfig, load_traces, main
+
+if TYPE_CHECKING:
+    from pipeline.stages.sft import SFTStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def main(cfg: SFTStageConfig) -> Path:
+    """The sft stage, imported when a test runs: TRL's import takes seconds, and collecting this file
+    for `make test-fast` (which runs none of it) would pay them."""
+    from pipeline.stages.sft import main as sft_main
+
+    return sft_main(cfg)
+
+
 def sft_config(tmp_path: Path, student: Path, traces: Path, **overrides) -> SFTStageConfig:
+    from pipeline.stages.sft import SFTStageConfig
+
     values = {**yaml.safe_load((ROOT / "configs/sft.yaml").read_text()),
               "output_dir": str(tmp_path / "student"), "model": str(student), "dataset": str(traces),
               "logging_steps": 1, "save_steps": 2, "seed": 0, "data_seed": 0,
@@ -36,6 +49,8 @@ def losses(out: Path, key: str = "loss") -> list[float]:
 
 def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from pipeline.stages.sft import load_traces
 
     out = main(sft_config(tmp_path, tiny_qwen, traces, num_train_epochs=4))
     history = losses(out)
@@ -149,7 +164,8 @@ def test_a_rerun_with_a_changed_learning_rate_is_refused_and_the_record_untouche
         assert refused.returncode == 2 and changed in refused.stderr, refused.stderr[-3000:]
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == made
-    again = subprocess.run(command + ["--max_steps", "6", "--logging_steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command + ["--max_steps", "6", "--logging_steps", "2"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0 and "trained by this config already" in again.stdout, again.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == made
 
@@ -180,7 +196,7 @@ def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_ll
 def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
     import datasets
 
-    from pipeline.stages.sft import teacher_token_dataset
+    from pipeline.distill.rows import teacher_token_dataset
 
     # The tiny teacher itself is the student: its stored top-k rows must line up with its own tokens.
     out = main(sft_config(tmp_path, tiny_qwen, traces, kd="offline", kd_alpha=1.0, kd_temperature=1.0, max_steps=2))
@@ -203,6 +219,59 @@ def test_offline_kd_from_stored_topk_logprobs(tmp_path: Path, tiny_qwen: Path, t
         assert all(r[0] == 0 and max(r[1:]) < -1e3 for r in example["teacher_topk_logprobs"][end:])
     with pytest.raises(ValueError, match=r"outside the student's 100 output rows"):
         teacher_token_dataset(rows, AutoTokenizer.from_pretrained(tiny_qwen), vocab_size=100)
+
+
+def kd_teacher(kd: str, teacher: Path) -> dict:
+    """The keys of online KD from `teacher`, or of offline KD from the traces' stored rows (sampled by
+    tiny_qwen, so a tiny_qwen student starts equal to its teacher)."""
+    return {"kd": kd, **({"teacher": str(teacher)} if kd == "online" else {})}
+
+
+@pytest.mark.parametrize("kd", ["online", "offline"])
+def test_lora_with_kd_trains_an_adapter_that_loads(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path,
+                                                   kd: str) -> None:
+    """LoRA (lora_r > 0) with logit KD: only the adapter trains, the KD term is logged beside
+    the CE term and weighted into the loss, and the saved adapter loads onto the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = main(sft_config(tmp_path, tiny_qwen, traces, lora_r=4, lora_alpha=8, max_steps=2, kd_alpha=0.5,
+                          kd_temperature=1.0, **kd_teacher(kd, tiny_llama)))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["peft_type"] == "LORA" and not (out / "model.safetensors").exists()
+    ce, kd_terms, total = losses(out, "ce_loss"), losses(out, "kd_loss"), losses(out)
+    assert len(ce) == len(kd_terms) == len(total) == 2 and all(math.isfinite(v) for v in ce + kd_terms)
+    # online: another model teaches (KD > 0); offline: the student is its own teacher (KD near 0)
+    assert all(v > 0 if kd == "online" else 0 <= v < 0.5 for v in kd_terms), kd_terms
+    assert total[0] == pytest.approx(0.5 * ce[0] + 0.5 * kd_terms[0], rel=1e-3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen), out)
+    lora_b = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values()), "lora_B starts at zero: the adapter trained"
+
+
+@pytest.mark.parametrize("kd", ["online", "offline"])
+def test_gradient_checkpointing_with_kd_changes_no_number(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path,
+                                                          traces: Path, kd: str, monkeypatch) -> None:
+    """gradient_checkpointing: true (the Qwen3 recipes) recomputes activations in the backward: the
+    logged terms and gradient norms of each step are those without it (the KD loss reads the
+    student's final states, which checkpointing must leave differentiable)."""
+    import transformers.modeling_utils
+
+    common = dict(max_steps=2, kd_alpha=0.5, **kd_teacher(kd, tiny_llama))
+    plain = main(sft_config(tmp_path / "plain", tiny_qwen, traces, **common))
+    checkpoint, calls = transformers.modeling_utils.checkpoint, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)  # what the model's layers call
+    checkpointed = main(sft_config(tmp_path / "checkpointed", tiny_qwen, traces, gradient_checkpointing=True,
+                                   **common))
+    assert calls, "the student's layers did not run under torch's checkpoint"
+    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+        assert len(losses(plain, key)) == 2 and all(math.isfinite(v) for v in losses(checkpointed, key)), key
+        assert losses(checkpointed, key) == pytest.approx(losses(plain, key), rel=1e-4), key
 
 
 @pytest.mark.parametrize("problem,expected", [
@@ -258,12 +327,6 @@ def test_bad_inputs_fail_with_their_message(tmp_path: Path, tiny_qwen: Path, tra
         main(sft_config(tmp_path, student, Path(dataset), **overrides))
 
 
-def test_accelerate_configs_are_valid() -> None:
-    for name, kind in (("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")):
-        config = yaml.safe_load((ROOT / f"configs/accelerate/{name}.yaml").read_text())
-        assert config["distributed_type"] == kind
-
-
 # (processes, per-device batch, accumulation): the same global batch of 8 three ways.
 LAYOUTS = {"one": (1, 8, 1), "two": (2, 4, 1), "accumulated": (1, 1, 8)}
 
@@ -281,8 +344,8 @@ def test_processes_and_accumulation_match_one_process(tmp_path: Path, tiny_qwen:
     common = ["--config", "configs/sft.yaml", "--model", str(tiny_qwen), "--dataset", str(traces),
               "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--seed", "0",
               "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
-              *{"feature": ["--kd", "online", "--feature_kd", "true"], "mutual": ["--kd", "mutual", "--mutual_peer",
-                                                                                   str(tiny_llama)]}.get(kd, ["--kd", kd]),
+              *{"feature": ["--kd", "online", "--feature_kd", "true"],
+                "mutual": ["--kd", "mutual", "--mutual_peer", str(tiny_llama)]}.get(kd, ["--kd", kd]),
               *(["--teacher", str(tiny_llama)] if kd in ("online", "feature") else [])]
     for name, (processes, batch, accumulation) in LAYOUTS.items():
         launch = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
@@ -325,8 +388,8 @@ def test_kd_sharded_by_fsdp2_or_zero3_matches_one_process(tmp_path: Path, tiny_q
     script = ["tests/sharded_kd.py", str(tiny_qwen), str(tiny_llama)]
     for name, launch in (("one", [sys.executable]),
                          ("two", [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"])):
-        run = subprocess.run([*launch, *script, str(tmp_path / name), wrap if name == "two" else "none"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run([*launch, *script, str(tmp_path / name), wrap if name == "two" else "none"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
     assert (one["world"], two["world"], two["heads"]) == (1, 2, heads)
@@ -365,7 +428,8 @@ def test_kd_on_padding_free_and_packed_batches_equals_padded(tmp_path: Path, tin
     sequences, and the teacher's rows (offline) or forward (online) stay aligned."""
     import torch
 
-    from pipeline.stages.sft import build_trainer, distill_losses
+    from pipeline.distill.objective import distill_losses
+    from pipeline.stages.sft import build_trainer
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, kd=kd, teacher=str(tiny_llama) if kd == "online" else None,
                      per_device_train_batch_size=4, **{layout: True},

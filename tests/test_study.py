@@ -3,7 +3,6 @@ The shipped studies run for real, reduced, in tests/test_make.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -11,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import UserError, load_config
-from pipeline.study import Run, StudyConfig, cells, check_config, execute, load_study, paired_difference, plan
+from pipeline.study import StudyConfig, load_study
+from pipeline.study.grid import Run, cells, plan
+from pipeline.study.report import paired_difference
+from pipeline.study.runner import check_config, execute
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMS = {stage: str(ROOT / f"configs/studies/sums/{stage}.yaml") for stage in ("generate", "sft", "eval")}
@@ -95,8 +97,9 @@ def test_paired_difference_is_taken_on_the_same_seeds_and_prompts() -> None:
     assert diff["seed_std"] == pytest.approx(statistics.stdev(per_seed.values()))
     per_prompt = [(0.5 - 0.25) / 2, (0 + 0.25) / 2, (0.25 + 0.5) / 2]
     half = 1.96 * statistics.stdev(per_prompt) / 3 ** 0.5
-    assert diff["mean"] == pytest.approx(statistics.mean(per_prompt))
-    assert diff["prompt_ci95"] == pytest.approx([statistics.mean(per_prompt) - half, statistics.mean(per_prompt) + half])
+    mean = statistics.mean(per_prompt)
+    assert diff["mean"] == pytest.approx(mean)
+    assert diff["prompt_ci95"] == pytest.approx([mean - half, mean + half])
     assert (diff["seeds_better"], diff["seeds"]) == (2, 2)
 
 
@@ -136,7 +139,7 @@ def test_a_started_run_whose_config_changed_is_refused_before_anything_runs(tmp_
 
 
 def test_the_methods_study_chains_shrink_and_peers_and_runs_wait_for_what_they_read(tmp_path: Path) -> None:
-    from pipeline.study import waits_on
+    from pipeline.study.runner import waits_on
 
     cfg = load_study(str(ROOT / "configs/studies/methods.yaml"), {"output_dir": str(tmp_path)})
     runs = plan(cfg, cells(cfg), tmp_path)
@@ -155,7 +158,7 @@ def test_parallel_runs_start_when_what_they_read_is_done(tmp_path: Path, monkeyp
     import threading
     import time
 
-    import pipeline.study as study_module
+    from pipeline.study import runner
 
     runs = [Run("generate", "g", {"output_dir": "t"}, tmp_path / "g"),
             Run("sft", "a", {"output_dir": "a", "dataset": "t"}, tmp_path / "a"),
@@ -170,8 +173,8 @@ def test_parallel_runs_start_when_what_they_read_is_done(tmp_path: Path, monkeyp
         with lock:
             events.append(("end", run.name))
 
-    monkeypatch.setattr(study_module, "execute", fake)
-    study_module.execute_parallel(runs, 2, tmp_path / "logs")
+    monkeypatch.setattr(runner, "execute", fake)
+    runner.execute_parallel(runs, 2, tmp_path / "logs")
     order = events
     assert order[:2] == [("start", "g"), ("end", "g")]  # the traces first
     assert {order[2], order[3]} == {("start", "a"), ("start", "b")}  # then both students at once

@@ -11,17 +11,16 @@ demo's, into `eval_dir`). The shipped `prompts/arithmetic/teacher` was made this
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import UserError, load_config, require, setting
+from pipeline.demo.tiny import build_model
 from pipeline.prompts import PromptSource, chat_prompt, load_prompts
-from pipeline.traces import save_dataset
 from pipeline.stages.sft import SFTStageConfig
 from pipeline.stages.sft import main as sft_main
-from pipeline.demo.tiny import build_model
+from pipeline.traces import save_dataset
 
 
 @dataclass
@@ -68,8 +67,8 @@ def main(cfg: TeacherConfig) -> Path:
     (out / "README.md").write_text(
         f"# {cfg.prompt_set} teacher\n\nA Qwen2 (hidden {cfg.hidden_size}, {cfg.num_layers} layers, MLP "
         f"{cfg.intermediate_size}) trained from scratch by r1-distill on the worked `{cfg.solution_column}` of "
-        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): `python -m pipeline teacher` "
-        f"(`make teacher`), every key in `config.yaml` beside this card.\n")
+        f"`{cfg.prompt_set}` ({cfg.split} split, {len(records)} prompt-completion records): "
+        f"`python -m pipeline teacher` (`make teacher`), every key in `config.yaml` beside this card.\n")
     if scoring:
         from pipeline.stages.eval import main as eval_main
 
@@ -83,8 +82,9 @@ def eval_config(cfg: TeacherConfig) -> Any:
     from pipeline.stages.eval import EvalConfig
 
     source = {f.name: getattr(cfg, f.name) for f in fields(PromptSource) if f.name not in ("split", "max_prompts")}
-    scoring = load_config(EvalConfig, cfg.eval_config, {**source, "models": [f"teacher={cfg.output_dir}"],
-                                                        "output_dir": cfg.eval_dir, "max_prompts": cfg.eval_max_prompts})
+    overrides = {**source, "models": [f"teacher={cfg.output_dir}"], "output_dir": cfg.eval_dir,
+                 "max_prompts": cfg.eval_max_prompts}
+    scoring = load_config(EvalConfig, cfg.eval_config, overrides)
     load_prompts(scoring, require_answers=True)  # e.g. a set with no such split: say so now, not after training
     return scoring
 

@@ -9,7 +9,6 @@ ChatML special tokens and <think>/</think>. Models are random Qwen2 or Llama wit
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal

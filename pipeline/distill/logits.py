@@ -1,6 +1,6 @@
 """Token-level distillation losses, computed from hidden states chunk by chunk.
 
-Pure functions over tensors (design.md sections 5 and 6). With softened distributions
+Pure functions over tensors. With softened distributions
 p_T = softmax(z_T / T) and p_S = softmax(z_S / T) per position:
 
 - ``forward_kl`` = KL(p_T || p_S) (Hinton; mean-seeking)
@@ -13,11 +13,12 @@ a loss that receives full logits can never use less memory than those logits (4,
 151,936 vocab is 2.5 GB per fp32 tensor). It computes the logits of ``chunk_size`` target
 tokens at a time in fp32 and takes their gradient in closed form chunk by chunk (in the
 backward, recomputing them, or in the forward, see below), so peak memory is a few [chunk, V]
-fp32 tensors plus the fp32 lm_head gradient, whatever the number of tokens. Measured on CPU (bench/bench_kd_memory.py, 4,096 tokens,
-V = 151,936, H = 896, forward KL + CE, gradient computed in the forward): naive 9.5 GB;
-chunked 3.0 GB at chunk_size 1024, 1.2 GB at 256 (of which 0.5 GB is the weight gradient).
-``naive_kd_loss`` is the same loss with the full logits materialised: the reference for
-tests and for ``bench/bench_kd_memory.py``.
+fp32 tensors plus the fp32 lm_head gradient, whatever the number of tokens. Measured on CPU
+(bench/bench_kd_memory.py, 4,096 tokens, V = 151,936, H = 896, forward KL + CE, gradient
+computed in the forward): naive 9.5 GB; chunked 3.0 GB at chunk_size 1024, 1.2 GB at 256 (of which
+0.5 GB is the weight gradient).
+``pipeline.distill.reference.naive_kd_loss`` is the same loss with the full logits materialised: the
+reference for tests and for ``bench/bench_kd_memory.py``.
 
 Speed: given the KD weight (``alpha``), the gradient is computed during the forward, chunk by
 chunk, and the backward only scales it (Liger's fused linear cross-entropy does the same), so
@@ -98,13 +99,6 @@ def divergence(
         raise ValueError(f"beta={beta} must lie in [0, 1] for kind='jsd'")
     log_m = torch.logaddexp(teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
     return beta * _kl(teacher_logprobs, log_m) + (1.0 - beta) * _kl(student_logprobs, log_m)
-
-
-def combine(ce_loss: Tensor, kd_loss: Tensor, alpha: float) -> Tensor:
-    """(1 - alpha) * CE + alpha * KD, the training objective of design.md section 6."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
-    return (1.0 - alpha) * ce_loss + alpha * kd_loss
 
 
 # ------------------------------------------------------------------- offline top-k teacher
@@ -659,7 +653,7 @@ def chunked_kd_loss(
             kept tokens of this call (clamped to >= 1).
         vocab_size: shared tokenizer length; both heads are cut to their first vocab_size
             rows (Qwen2.5: 152,064 vs 151,936 padded rows). Required when they differ.
-        alpha: the weight the caller will give the KD term (``combine(ce, kd, alpha)``, times
+        alpha: the weight the caller will give the KD term (``reference.combine(ce, kd, alpha)``, times
             any constant). Given, the gradient is computed during the forward (no recomputation
             in the backward: about 3 matmuls per chunk instead of 4); any other mixing still
             gets the right gradient, by recomputation.
@@ -671,7 +665,7 @@ def chunked_kd_loss(
     Returns:
         ``kd_loss`` = T^2 * sum of divergences / denominator (the divergence itself, zero when
         student equals teacher, not a soft-target cross-entropy), ``ce_loss`` = summed CE /
-        denominator, and ``num_tokens`` (kept tokens in this call). ``combine`` mixes them.
+        denominator, and ``num_tokens`` (kept tokens in this call). ``reference.combine`` mixes them.
     """
     b = _prepare(student_hidden, student_lm_head_weight, labels, teacher_hidden,
                  teacher_lm_head_weight, teacher_topk_ids, teacher_topk_logprobs, temperature,
@@ -689,52 +683,3 @@ def chunked_kd_loss(
         None if teacher_rest_logprob is None else teacher_rest_logprob.detach(), opts,
     )
     return _normalise(sums[0], sums[1], idx.numel(), num_items_in_batch, temperature)
-
-
-def naive_kd_loss(
-    student_hidden: Tensor,
-    student_lm_head_weight: Tensor,
-    labels: Tensor,
-    *,
-    teacher_hidden: Tensor | list[Tensor] | None = None,
-    teacher_lm_head_weight: Tensor | list[Tensor] | None = None,
-    teacher_topk_ids: Tensor | None = None,
-    teacher_topk_logprobs: Tensor | None = None,
-    teacher_rest_logprob: Tensor | None = None,
-    temperature: float = 1.0,
-    kind: Kind = "forward_kl",
-    beta: float = 0.5,
-    chunk_size: int = 1024,
-    num_items_in_batch: int | Tensor | None = None,
-    vocab_size: int | None = None,
-    ignore_index: int = -100,
-    alpha: float | None = None,
-) -> dict[str, Tensor]:
-    """``chunked_kd_loss`` with full fp32 logits for every position, masked afterwards.
-
-    The reference implementation (TRL style): what a careful user writes with the model's
-    logits, freeing what it can. ``chunk_size`` and ``alpha`` are accepted and ignored.
-    """
-    b = _prepare(student_hidden, student_lm_head_weight, labels, teacher_hidden,
-                 teacher_lm_head_weight, teacher_topk_ids, teacher_topk_logprobs, temperature,
-                 kind, beta, chunk_size, vocab_size, ignore_index)
-    t = float(temperature)
-    w = student_lm_head_weight[: b.vocab].to(b.dtype)
-    if b.t_h is not None:
-        with torch.no_grad():
-            splits = list(b.splits or [b.t_h.shape[-1]])
-            t_lp = ensemble_logprobs([soften(F.linear(h.to(b.dtype), w[: b.vocab].to(b.dtype)), t) for h, w in
-                                      zip(b.t_h.split(splits, dim=-1), b.t_w.split(splits, dim=-1))])
-        z = F.linear(b.h.to(b.dtype), w)
-        s_lp = soften(z, t)
-        ce_lp = s_lp if t == 1.0 else F.log_softmax(z, dim=-1)
-        del z
-        kd_sum = divergence(s_lp, t_lp, kind, beta)[b.keep].sum()
-    else:
-        ce_lp = F.log_softmax(F.linear(b.h.to(b.dtype), w), dim=-1)
-        s_b = soften(student_topk_buckets(ce_lp[b.keep], teacher_topk_ids), t)
-        t_b = soften(teacher_topk_buckets(teacher_topk_logprobs.to(b.dtype), b.vocab, teacher_rest_logprob), t)
-        kd_sum = divergence(s_b, t_b, kind, beta).sum()
-    safe_labels = b.labels.masked_fill(~b.keep, 0)
-    ce_sum = -(ce_lp.gather(-1, safe_labels[:, None]).squeeze(1) * b.keep).sum()
-    return _normalise(kd_sum, ce_sum, int(b.keep.sum()), num_items_in_batch, t)

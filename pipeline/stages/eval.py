@@ -4,11 +4,13 @@ Each model samples k completions per prompt at one temperature (greedy at 0), ev
 scored, and per model: mean pass@1 over the k samples with a 95% confidence interval, unbiased
 pass@k, maj@k (cons@k), share truncated, mean completion tokens. Two backends:
 
-- vllm: the generate stage itself (seeded per sample, resumable), `data_parallel_size` engine
-  replicas per model (local processes, or Ray actors with `ray_address`);
-- transformers: HF generate, prompts split across `accelerate launch` processes and gathered.
+- vllm: a traces run per model, as the generate stage's (pipeline/inference/sampling.py: seeded per
+  sample, resumable), `data_parallel_size` engine replicas (local processes, or Ray actors with `ray_address`);
+- transformers: HF generate, prompts split across `accelerate launch` processes and gathered
+  (pipeline/inference/hf.py).
 
-An entry `name=a+b+c` is an ensemble: its members' mean probabilities, by its own KV-cached loop under either backend.
+An entry `name=a+b+c` is an ensemble: its members' mean probabilities, by its own KV-cached loop under
+either backend (pipeline/inference/hf.py). The metrics are pipeline/scoring.py's.
 
     output_dir/config.yaml, run.json  the resolved config and the record (pipeline/rundir.py); `models`
                                       may change between runs, the protocol may not
@@ -25,20 +27,19 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import UserError, config_to_dict, require, setting
-from pipeline.stages.curate import ScoringConfig, score_texts, scored_text
+from pipeline.config import UserError, require, setting
 from pipeline.inference.engine import EngineConfig
-from pipeline.stages.generate import GenerateConfig, check_sampling, generate, sample_seed, split_think
-from pipeline.prompts import Prompt, PromptSource, chat_prompt, load_prompts, render
-from pipeline.traces import save_dataset
+from pipeline.inference.hf import release_processes, sample_ensemble, sample_transformers, shared_tokenizer
+from pipeline.inference.sampling import SamplingKeys, TracesConfig, run_traces
+from pipeline.prompts import PromptSource, load_prompts
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
+from pipeline.scoring import ScoringConfig, metrics, score_texts, scored_text
+from pipeline.traces import save_dataset
 
 log = logging.getLogger(__name__)
 # Keys that change how fast samples come, never what they are (as generate's), and the models:
@@ -49,7 +50,7 @@ FREE_KEYS = {"overwrite", "models", "gpu_memory_utilization", "max_num_seqs", "e
 
 
 @dataclass
-class EvalConfig(ScoringConfig, EngineConfig, PromptSource, RunKeys):
+class EvalConfig(SamplingKeys, ScoringConfig, EngineConfig, PromptSource, RunKeys):
     output_dir: str | None = setting(None, help="where the report, each model's samples and the resolved config "
                                                 "are written")
     split: str = setting("test", help="split of the prompt set: held-out prompts")
@@ -61,17 +62,14 @@ class EvalConfig(ScoringConfig, EngineConfig, PromptSource, RunKeys):
     num_samples: int = setting(4, help="k samples per prompt (pass@1 is their mean)")
     temperature: float = setting(0.6, help="sampling temperature (0.6: DeepSeek-R1's protocol); 0 is greedy "
                                            "(then k is 1)")
-    top_p: float = setting(0.95, help="nucleus sampling: the share of probability mass sampled from")
     max_tokens: int = setting(1024, help="completion budget per sample, in tokens")
-    seed: int = setting(0, help="base of the per-sample seeds")
-    think_start: str = setting("<think>", help="the tag that opens the reasoning in a completion")
     think_end: str = setting("</think>", help="the tag that closes the reasoning; the answer is scored after it")
 
     def __post_init__(self) -> None:
         ScoringConfig.__post_init__(self)
         EngineConfig.__post_init__(self)
         PromptSource.__post_init__(self)
-        check_sampling(self)
+        SamplingKeys.__post_init__(self)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0:
@@ -122,15 +120,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
             samples += [{"model": name, **r} for r in rows]
             skipped[name] = _skipped_ids(out / "generations" / name / "skipped.jsonl")
     if cfg.backend == "transformers":
-        # The last collective is done. Under N processes the gloo group goes now: left to the
-        # interpreter's teardown (rank 1 exits while rank 0 scores) it can abort the process
-        # ("terminate called without an active exception"), which fails the launch.
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        if state.num_processes > 1:
-            state.destroy_process_group()
+        release_processes()  # the last collective is done
     if not is_main:
         return {}
     # A prompt one model could not take would make the others' scores incomparable to its own.
@@ -138,7 +128,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
     scorer = cfg.scorer or prompt_set.scorer or "math"
     texts = [scored_text(r, cfg.think_end) for r in samples]
-    for r, (verdict, extracted) in zip(samples, score_texts(texts, [r["reference_answer"] for r in samples], cfg, scorer)):
+    references = [r["reference_answer"] for r in samples]
+    for r, (verdict, extracted) in zip(samples, score_texts(texts, references, cfg, scorer)):
         r.update(verdict=verdict, extracted_answer=extracted, correct=verdict == "correct")
     (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
 
@@ -168,19 +159,22 @@ def sample_model(cfg: EvalConfig, name: str, path: str, model_files: str, prompt
                  out: Path) -> list[dict[str, Any]]:
     """The model's k samples per prompt as records. `out` is a run of its own (pipeline/rundir.py):
     finished by this protocol from these very model files, it is reused; unfinished, resumed."""
+    import datasets
+
     members = ensemble_members(path)
     if cfg.backend == "vllm" and len(members) == 1:
-        return _sample_vllm(cfg, path, out)  # the generate stage, whose record `out` holds
+        # a traces run, curation off: seeded per sample, resumable, skips over-long prompts, and splits the
+        # prompts over `data_parallel_size` replicas, which start and stop with it
+        return run_traces(generate_config(cfg, path, out), prompts).to_list()
     own = dataclasses.replace(cfg, models=[f"{name}={path}"], output_dir=str(out), overwrite=False)
     run = open_run(own, "eval-samples", {"model": model_files}, FREE_KEYS - {"models"})
     if run.complete:
-        import datasets
         log.info(f"{name}: reusing {out / 'samples'}")
         return datasets.load_from_disk(str(out / "samples")).to_list()
     # neither vLLM nor HF generate can average models: an ensemble has its own loop
-    rows = _sample_ensemble(cfg, members, prompts) if len(members) > 1 else _sample_transformers(cfg, path, prompts)
+    sample = sample_ensemble if len(members) > 1 else sample_transformers
+    rows = sample(cfg, members if len(members) > 1 else path, prompts, cfg.temperature, cfg.dtype)
     if rows is not None:
-        import datasets
         save_dataset(datasets.Dataset.from_list(rows), out / "samples")
     run.finish()
     return rows or []
@@ -195,152 +189,17 @@ def model_fingerprint(path: str) -> str:
     return fingerprint(path)
 
 
-def _sample_vllm(cfg: EvalConfig, path: str, out: Path) -> list[dict[str, Any]]:
-    """The generate stage, curation off: seeded per sample, resumable, skips over-long prompts, and
-    splits the prompts over `data_parallel_size` replicas (local processes or Ray actors)."""
-    return generate(generate_config(cfg, path, out)).to_list()  # its replicas start and stop with it
-
-
-def generate_config(cfg: EvalConfig, path: str, out: Path) -> GenerateConfig:
-    """The generate stage's config that samples `path` under this eval's protocol and engine keys."""
-    shared = {k: v for k, v in config_to_dict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
-    return GenerateConfig(**{**shared, "model": path, "output_dir": str(out), "temperatures": [cfg.temperature],
-                             "curate": False, "export": []})
-
-
-def _sample_transformers(cfg: EvalConfig, path: str, prompts: list) -> list[dict[str, Any]] | None:
-    """HF generate; each process takes a slice of the prompts, the main one gathers (None elsewhere).
-    Each prompt is sampled alone, with its own seed, so the split across processes changes nothing."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(cfg.dtype)).to(state.device).eval()
-    stop_ids = _stop_ids(tokenizer, [model])
-    rows = []
-    with state.split_between_processes(prompts) as mine:
-        for prompt in tqdm(mine, desc=f"sample {Path(path).name}", disable=not state.is_main_process):
-            ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(state.device)
-            torch.manual_seed(sample_seed(cfg.seed, prompt.id, cfg.temperature, 0))
-            greedy = cfg.temperature == 0
-            with torch.no_grad():
-                output = model.generate(**ids, do_sample=not greedy, max_new_tokens=cfg.max_tokens,
-                                        num_return_sequences=cfg.num_samples, pad_token_id=tokenizer.pad_token_id,
-                                        **({} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                                                              "top_k": 0}))
-            rows += _completion_rows(cfg, tokenizer, prompt, output[:, ids["input_ids"].shape[1]:].tolist(), stop_ids)
-    rows = gather_object(rows)
-    return rows if state.is_main_process else None
-
-
-def _sample_ensemble(cfg: EvalConfig, paths: list[str], prompts: list) -> list[dict[str, Any]] | None:
-    """The members' mean next-token distribution (ensemble_next_token_probs), sampled token by
-    token, each member with its own KV cache. As in _sample_transformers: the k samples of a prompt
-    decode as one batch (num_return_sequences), seeded per prompt, prompts split across processes."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    tokenizer = shared_tokenizer(paths)
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=_torch_dtype(cfg.dtype)).to(state.device).eval()
-              for p in paths]
-    stop_ids = _stop_ids(tokenizer, models)
-    stop = torch.tensor(sorted(stop_ids), device=state.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    rows = []
-    with state.split_between_processes(prompts) as mine, torch.no_grad():
-        for prompt in tqdm(mine, desc=f"sample ensemble of {len(paths)}", disable=not state.is_main_process):
-            ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-            inputs = ids.to(state.device).repeat(cfg.num_samples, 1)
-            generator = torch.Generator(state.device).manual_seed(sample_seed(cfg.seed, prompt.id, cfg.temperature, 0))
-            caches: list[Any] = [None] * len(models)
-            ended = torch.zeros(cfg.num_samples, dtype=torch.bool, device=state.device)
-            tokens = []
-            for _ in range(cfg.max_tokens):
-                outputs = [model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                           for model, cache in zip(models, caches)]
-                caches = [o.past_key_values for o in outputs]
-                probs = ensemble_next_token_probs([o.logits[:, -1] for o in outputs], cfg.temperature, cfg.top_p,
-                                                  len(tokenizer))
-                token = (probs.argmax(-1) if cfg.temperature == 0
-                         else torch.multinomial(probs, 1, generator=generator).squeeze(-1))
-                token = token.masked_fill(ended, pad)  # an ended sequence only pads, as in HF generate
-                tokens.append(token)
-                ended |= torch.isin(token, stop)
-                if ended.all():
-                    break
-                inputs = token[:, None]
-            rows += _completion_rows(cfg, tokenizer, prompt, torch.stack(tokens, 1).tolist(), stop_ids)
-    rows = gather_object(rows)
-    return rows if state.is_main_process else None
-
-
-def ensemble_next_token_probs(logits: list[Any], temperature: float, top_p: float, vocab_size: int) -> Any:
-    """Next-token probabilities of an ensemble: the mean over members of softmax(logits /
-    temperature), each cut to the tokenizer's `vocab_size` (checkpoints pad their vocab
-    differently), then top-p. Temperature 0 (greedy: its argmax) takes the plain softmax."""
-    import torch
-
-    for member in logits:
-        if member.shape[-1] < vocab_size:
-            raise UserError(f"a member has {member.shape[-1]} logits for a tokenizer of {vocab_size} tokens")
-    probs = torch.stack([torch.softmax(m[..., :vocab_size].float() / (temperature or 1.0), dim=-1)
-                         for m in logits]).mean(0)
-    if top_p < 1:  # the fewest most likely tokens that reach top_p, renormalized
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def shared_tokenizer(paths: list[str]) -> Any:
-    """The one tokenizer of an ensemble's members: averaging next-token probabilities needs one vocabulary."""
-    from transformers import AutoTokenizer
-
-    tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths]
-    for path, tokenizer in zip(paths[1:], tokenizers[1:]):
-        if tokenizer.get_vocab() != tokenizers[0].get_vocab():
-            raise UserError(f"ensemble members {paths[0]} and {path} have different tokenizers ({len(tokenizers[0])} "
-                            f"and {len(tokenizer)} tokens): an ensemble averages next-token probabilities, so its "
-                            "members must share one vocabulary")
-    return tokenizers[0]
-
-
-def _stop_ids(tokenizer: Any, models: list[Any]) -> set[int]:
-    """The tokenizer's EOS and each model's generation_config EOS ids (HF generate and vLLM stop at any)."""
-    ids = {tokenizer.eos_token_id}
-    for model in models:
-        eos = model.generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return ids - {None}
-
-
-def _completion_rows(cfg: EvalConfig, tokenizer: Any, prompt: Prompt, sequences: list[list[int]],
-                     stop_ids: set[int]) -> list[dict[str, Any]]:
-    """The records of one prompt's k sampled sequences (new token ids, cut after the first stop id)."""
-    rows = []
-    for index, sequence in enumerate(sequences):
-        end = next((i for i, token in enumerate(sequence) if token in stop_ids), None)
-        tokens = sequence if end is None else sequence[: end + 1]
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        rows.append({"prompt_id": prompt.id, "prompt": chat_prompt(prompt),
-                     "completion": [{"role": "assistant", "content": text}],
-                     "think_closed": split_think(text, cfg.think_start, cfg.think_end)[2],
-                     "reference_answer": prompt.answer, "temperature": cfg.temperature, "sample_index": index,
-                     "finish_reason": "length" if end is None else "stop", "completion_tokens": len(tokens)})
-    return rows
+def generate_config(cfg: EvalConfig, path: str, out: Path) -> TracesConfig:
+    """The traces run that samples `path` under this eval's protocol and engine keys: the generate
+    stage's keys, so that `out` is a generate run (its config.yaml loads as one)."""
+    shared = {f.name: getattr(cfg, f.name)
+              for keys in (SamplingKeys, ScoringConfig, EngineConfig, PromptSource) for f in dataclasses.fields(keys)}
+    return TracesConfig(**shared, model=path, output_dir=str(out), temperatures=[cfg.temperature], curate=False,
+                        export=[])
 
 
 def _skipped_ids(path: Path) -> list[str]:
-    """Ids of the prompts the generate stage set aside as too long (vllm backend only)."""
+    """Ids of the prompts a traces run set aside as too long (vllm backend only)."""
     if not path.is_file():
         return []
     return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
@@ -352,56 +211,6 @@ def common_prompts(samples: list[dict[str, Any]], skipped: dict[str, list[str]])
     taken = [{r["prompt_id"] for r in samples if r["model"] == name} for name in skipped]
     common = set.intersection(*taken) - set().union(*skipped.values()) if taken else set()
     return [r for r in samples if r["prompt_id"] in common], len(common)
-
-
-def _torch_dtype(dtype: str) -> Any:
-    import torch
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
-
-
-# ---------------------------------------------------------------------------- metrics
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_correct(answers: list[str | None], verdicts: list[str]) -> bool:
-    """maj@k: the most frequent extracted answer (first seen wins ties) is a correct one. Only
-    scored samples vote: an "error" or "timeout" sample's answer is its error message, and a few
-    samples failing alike must not outvote a correct answer."""
-    voters = [(a, v) for a, v in zip(answers, verdicts) if a is not None and v in ("correct", "wrong")]
-    votes = Counter(a for a, _ in voters)
-    if not votes:
-        return False
-    top = votes.most_common(1)[0][0]
-    return next(v == "correct" for a, v in voters if a == top)
-
-
-def metrics(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    by_prompt: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_prompt.setdefault(r["prompt_id"], []).append(r)
-    per_prompt = [sum(r["correct"] for r in group) / len(group) for group in by_prompt.values()]
-    n = len(per_prompt)
-    mean = sum(per_prompt) / n if n else 0.0
-    # 95% interval over prompts (the sampling unit): normal approximation of the mean.
-    sd = math.sqrt(sum((p - mean) ** 2 for p in per_prompt) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n) if n else 0.0
-    return {
-        "prompts": n,
-        "samples": len(rows),
-        "pass@1": mean,
-        "pass@1_ci95": [max(0.0, mean - half), min(1.0, mean + half)],
-        f"pass@{k}": sum(pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in by_prompt.values()) / max(n, 1),
-        f"maj@{k}": sum(majority_correct([r["extracted_answer"] for r in g], [r["verdict"] for r in g])
-                        for g in by_prompt.values()) / max(n, 1),
-        "share_truncated": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
-        "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
-        "verdicts": dict(Counter(r["verdict"] for r in rows)),
-    }
 
 
 # ---------------------------------------------------------------------------- report

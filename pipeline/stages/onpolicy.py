@@ -36,11 +36,11 @@ from typing import Any, ClassVar, Literal
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
-from pipeline.inference import teacher_server
 from pipeline.config import UserError, require, setting
+from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
-from pipeline.traces import load_traces
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
+from pipeline.traces import load_traces
 from pipeline.training import TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, train_and_save
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,8 @@ def train_summary(trainer: Any) -> dict[str, Any]:
 
 def model_card(cfg: OnPolicyConfig, trainer: Any) -> str:
     if cfg.teacher_server:
-        loss = (f"forward KL over the teacher's top-{cfg.teacher_server_top_k} ids plus a tail bucket" if cfg.beta == 0 else
+        top_k = cfg.teacher_server_top_k
+        loss = (f"forward KL over the teacher's top-{top_k} ids plus a tail bucket" if cfg.beta == 0 else
                 f"generalized JSD (beta={cfg.beta}) over a top-1 support (the teacher's argmax and the sampled "
                 "token) plus a tail bucket")
         teacher = f"served at {cfg.teacher_server} (TRL ServerDistillationTrainer)"

@@ -3,15 +3,17 @@
     loss = (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * D(teacher_T || student_T)
            [+ feature_weight * L_feat + relation_distance_weight * L_D + relation_angle_weight * L_A]
 
-on completion tokens only, D one of forward KL, reverse KL, generalized JSD. The family's losses
-and teachers live in pipeline/distill/ (its __init__ says where a new method goes).
+on completion tokens only, D one of forward KL, reverse KL, generalized JSD. The family's losses,
+teachers, combined objective and KD trainer live in pipeline/distill/ (its __init__ says where a
+new method goes).
 The teacher is online (a frozen model or an ensemble of them, placed and sharded by accelerate
 as the student is), offline (the top-k logprobs and the rest the generate stage stored with
 `logprobs: k`, usable only by a student with the teacher's very vocabulary), a second student
-trained beside this one (`kd: mutual`), or the previous generation (`generations: K`). Checked before training: the chat
-template keeps the think block, every sample ends in the student's EOS and the EOS carries
-loss, no sample is cut silently, offline rows are raw and from the student's vocabulary.
-Multi-process, FSDP2, ZeRO-3, packing and padding-free: see `distill_losses` and tests/test_sft.py.
+trained beside this one (`kd: mutual`), or the previous generation (`generations: K`).
+Checked before training: the chat template keeps the think block, every sample ends in the
+student's EOS and the EOS carries loss, no sample is cut silently, offline rows are raw and from
+the student's vocabulary.
+Multi-process, FSDP2, ZeRO-3, packing and padding-free: see distill/objective.py and tests/test_sft.py.
 Output layout and resume: pipeline/training.py.
 """
 
@@ -22,18 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.inference import teacher_server
 from pipeline.config import UserError, require, setting
-from pipeline.distill import features, relations, teachers
-from pipeline.distill.logits import LOG_ZERO, chunked_kd_loss
+from pipeline.distill import teachers
+from pipeline.distill.objective import term_weights
+from pipeline.distill.rows import TEACHER_COLUMNS, TEACHER_ROWS, teacher_token_dataset
+from pipeline.distill.trainer import KDTrainer
+from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE
-from pipeline.traces import load_traces, vocab_fingerprint
 from pipeline.rundir import Run, RunKeys, fingerprint
-from pipeline.training import (TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, traces_teacher,
-                              train_and_save)
+from pipeline.traces import load_traces, vocab_fingerprint
+from pipeline.training import (
+    TRAINING_FREE_KEYS,
+    LoraKeys,
+    last_loss,
+    lora_config,
+    open_training_run,
+    traces_teacher,
+    train_and_save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +194,8 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
         teacher_server.check_tokenizer(cfg.teacher_server, tokenizer, cfg.model)
         server = teacher_server.client(cfg.teacher_server)
     elif cfg.kd in ("online", "mutual"):
-        paths = [cfg.mutual_peer] if cfg.kd == "mutual" else [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher
+        paths = ([cfg.mutual_peer] if cfg.kd == "mutual" else
+                 [cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher)
         models = teachers.load(paths, tokenizer, cfg.model, teachers.dtype_for(cfg), trainable=cfg.kd == "mutual")
     trainer_cls = KDTrainer if cfg.kd != "none" else SFTTrainer
     extra = {"teachers": models, "server": server, "kd": cfg} if cfg.kd != "none" else {}
@@ -213,7 +224,8 @@ def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> 
     teacher = ", ".join(dataset.unique("teacher")) if "teacher" in dataset.column_names else "the teacher"
     modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
     if modes:
-        raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store {', '.join(modes)} "
+        raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store "
+                        f"{', '.join(modes)} "
                         "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
                         "would apply twice and the tail is lost): generate them again with logprobs_mode: "
                         "raw_logprobs")
@@ -267,303 +279,6 @@ def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
     if tokenizer.eos_token_id not in labels:
         raise UserError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
                         "(pad_token == eos_token?): set a distinct pad token")
-
-
-# ---------------------------------------------------------------------------- KD trainer
-
-class KDTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds the family's terms (see `distill_losses`). Teachers are placed by
-    accelerate as the student is: moved to the device under DDP, FSDP-wrapped under FSDP, ZeRO-3
-    initialised under DeepSpeed, always in evaluation mode. A served teacher (`server`) fills the
-    same rows as an offline one, batch by batch. What trains beside the student (feature
-    projections, a mutual peer) hangs on it as `distill_modules`: DDP syncs it, the optimizer
-    steps it, checkpoints keep it apart (`distill_modules.pt`) and the final student leaves it out."""
-
-    def __init__(self, *args: Any, teachers: list[Any] = (), server: Any = None, kd: SFTStageConfig,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.kd = kd
-        # Online: both logit matrices cut to the shared tokenizer (their padding may differ).
-        # Offline: the stored ids are the teacher's own samples, which may fall in padding rows.
-        self.vocab_size = (len(self.processing_class) if teachers
-                           else self.model.config.get_text_config().vocab_size)
-        trained = {}
-        if kd.kd == "mutual":
-            trained["peer"], teachers = teachers[0], []
-        if kd.feature_kd:
-            student, teacher = self.model.config.get_text_config(), teachers[0].config.get_text_config()
-            pairs = features.layer_map(student.num_hidden_layers, teacher.num_hidden_layers, kd.feature_layers)
-            trained["features"] = features.FeatureProjections(pairs, student.hidden_size, teacher.hidden_size)
-        if trained:
-            self.model.distill_modules = torch.nn.ModuleDict(trained).to(self.args.device)
-        self.teachers = [self._prepare_teacher(t) for t in teachers]
-        if kd.kd == "offline" or server is not None:
-            self.data_collator = TeacherRowsCollator(self.data_collator, server, kd.teacher_server_top_k)
-
-    def _prepare_teacher(self, teacher: Any) -> Any:
-        if self.is_deepspeed_enabled:
-            from trl.models import prepare_deepspeed
-            return prepare_deepspeed(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()  # keeps only model inputs; the teacher's rows too
-        self._signature_columns = [*self._signature_columns, *TEACHER_ROWS]
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        unwrap = self.accelerator.unwrap_model
-        losses = distill_losses(model, unwrap(model), self.teachers, [unwrap(t) for t in self.teachers], inputs,
-                                self.kd, self.vocab_size, num_items_in_batch)
-        # Each process's token sums are its share of the all-process batch (num_items_in_batch is
-        # gathered over processes). DDP averages gradients over processes, so, as transformers'
-        # Trainer.compute_loss does, scale by their number, or loss and gradients are 1/N of the truth.
-        global_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
-        scale = self.accelerator.num_processes if global_count else 1
-        steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
-        for key in BATCH_MEANS & losses.keys():  # a micro-batch's mean: made a share as the token sums are
-            losses[key] = losses[key] / (steps * scale)
-        weights = term_weights(self.kd)
-        loss = sum(weights[key] * losses[key] for key in weights)
-        # Logged: what one process with the whole batch would log. Shares add up over processes, and
-        # over the accumulation steps the logged mean runs over.
-        shares = torch.stack([losses[key] for key in weights]).detach()
-        shares = self.accelerator.reduce(shares, "sum" if global_count else "mean")
-        mode = "train" if model.training else "eval"
-        for key, value in zip(weights, (shares * steps).tolist()):
-            self._metrics[mode][key].append(value)
-        return (loss * scale, None) if return_outputs else loss * scale
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The student alone; beside it, in a checkpoint, what trains with it (for resume), and in
-        the final save a mutual peer as a student of its own (output_dir/peer)."""
-        module = self.accelerator.unwrap_model(self.model)
-        trained = module._modules.pop("distill_modules", None)
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            if trained is not None:
-                module.distill_modules = trained
-        out = Path(output_dir or self.args.output_dir)
-        if trained is None or not self.args.should_save:
-            return
-        if _internal_call:
-            torch.save(trained.state_dict(), out / DISTILL_MODULES)
-        elif "peer" in trained:
-            peer, tokenizer = trained["peer"], self.processing_class
-            peer.generation_config.eos_token_id, peer.generation_config.pad_token_id = (tokenizer.eos_token_id,
-                                                                                        tokenizer.pad_token_id)
-            peer.save_pretrained(str(out / "peer"))
-            tokenizer.save_pretrained(str(out / "peer"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = Path(resume_from_checkpoint) / DISTILL_MODULES
-        if saved.is_file():
-            module = self.accelerator.unwrap_model(model or self.model)
-            module.distill_modules.load_state_dict(torch.load(saved, map_location="cpu"))
-
-
-DISTILL_MODULES = "distill_modules.pt"
-# Terms that are a micro-batch's mean rather than a sum over its tokens.
-BATCH_MEANS = {"relation_distance_loss", "relation_angle_loss"}
-
-
-def term_weights(cfg: SFTStageConfig) -> dict[str, float]:
-    """Each logged term's weight in the loss (the keys `distill_losses` returns, num_tokens aside)."""
-    weights = {"ce_loss": 1.0 - cfg.kd_alpha, "kd_loss": cfg.kd_alpha}
-    if cfg.kd == "mutual":  # the peer's own objective, the same terms towards this student
-        weights |= {"peer_ce_loss": 1.0 - cfg.kd_alpha, "peer_kd_loss": cfg.kd_alpha}
-    if cfg.feature_kd:
-        weights["feature_loss"] = cfg.feature_weight
-    if cfg.relation_kd:
-        weights |= {"relation_distance_loss": cfg.relation_distance_weight,
-                    "relation_angle_loss": cfg.relation_angle_weight}
-    return weights
-
-
-# What the model's forward takes from a batch: padded (attention_mask), or padding-free and packed
-# (position_ids restart at each sequence; cu_seq_lens for varlen attention kernels).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                "max_length_k")
-
-
-def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules: list[Any], inputs: dict[str, Any],
-                   kd: SFTStageConfig, vocab_size: int, num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
-    """The terms of one batch, named as `term_weights` names them. The logit terms come from final
-    hidden states only (pipeline/distill/logits.py): no model computes logits, the loss does, one
-    chunk at a time. `model`/`teachers` are what the trainer holds (maybe wrapped: DDP, FSDP,
-    DeepSpeed), `module`/`teacher_modules` the models inside. Each forward runs through its wrapper
-    (TRL's forward redirection), so the wrapper gathers sharded weights and sees the loss as its
-    output (FSDP's backward hooks hang on it)."""
-    from trl.models.utils import _ForwardRedirection
-
-    through_wrapper = _ForwardRedirection()
-    forward = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-    labels = inputs["labels"][:, 1:]
-    mask = labels != -100  # the states that predict completion tokens
-    every_layer = kd.feature_kd  # relations need only the last state (pooled per sample)
-    logit_kd = {"temperature": kd.kd_temperature, "kind": kd.kd_divergence, "beta": kd.kd_beta,
-                "chunk_size": kd.kd_chunk_size, "num_items_in_batch": num_items_in_batch, "vocab_size": vocab_size,
-                "alpha": kd.kd_alpha}
-    teacher_kwargs: dict[str, Any] = {}
-    teacher_states: tuple[torch.Tensor, ...] = ()
-    if "teacher_topk_ids" in inputs:
-        teacher_kwargs = {k: inputs[k] for k in TEACHER_ROWS}
-    elif teachers:
-        hiddens, heads = [], []
-        with torch.no_grad():
-            for teacher, teacher_module in zip(teachers, teacher_modules):
-                teacher_states = through_wrapper(teacher, teacher_module, decoder_states, teacher_module, forward,
-                                                 every_layer)
-                hidden = teacher_states[-1][:, :-1]
-                # The loss's backward recomputes teacher logits, so a ZeRO-3 weight (released after its
-                # module's forward, and never gathered again for a model without gradients) is copied.
-                heads.append(through_head(teacher_module, lambda w, h: w.detach().clone() if hasattr(w, "ds_id")
-                                          else w.detach(), hidden))
-                hiddens.append(hidden)
-        ensemble = len(hiddens) > 1  # its members' hidden states side by side (logits.py)
-        teacher_kwargs = {"teacher_hidden": hiddens if ensemble else hiddens[0],
-                          "teacher_lm_head_weight": heads if ensemble else heads[0]}
-
-    def student_losses() -> dict[str, torch.Tensor]:
-        states = decoder_states(module, forward, every_layer)
-        hidden = states[-1][:, :-1]
-        if kd.kd == "mutual":  # each of the two learns towards the other's detached distribution
-            peer = module.distill_modules["peer"]
-            peer_hidden = decoder_states(peer, forward)[-1][:, :-1]
-            peer_head = peer.get_output_embeddings().weight
-            losses = through_head(module, lambda w, h: chunked_kd_loss(
-                h, w, labels, teacher_hidden=peer_hidden.detach(), teacher_lm_head_weight=peer_head.detach(),
-                **logit_kd), hidden)
-            towards_student = chunked_kd_loss(peer_hidden, peer_head, labels, teacher_hidden=hidden.detach(),
-                                              teacher_lm_head_weight=module.get_output_embeddings().weight.detach(),
-                                              **logit_kd)
-            return {**losses, "peer_ce_loss": towards_student["ce_loss"], "peer_kd_loss": towards_student["kd_loss"]}
-        losses = through_head(module, lambda w, h: chunked_kd_loss(h, w, labels, **teacher_kwargs, **logit_kd),
-                              hidden)
-        if kd.feature_kd:
-            losses["feature_loss"] = features.feature_loss(
-                [s[:, :-1] for s in states], [t[:, :-1] for t in teacher_states],
-                module.distill_modules["features"], mask, num_items_in_batch)
-        if kd.relation_kd:
-            student, teacher = relations.pooled(hidden, mask), relations.pooled(teacher_states[-1][:, :-1], mask)
-            losses["relation_distance_loss"] = relations.distance_loss(student, teacher)
-            losses["relation_angle_loss"] = relations.angle_loss(student, teacher)
-        return losses
-
-    return through_wrapper(model, module, student_losses)
-
-
-def decoder_states(module: Any, forward: dict[str, Any], every_layer: bool = False) -> tuple[torch.Tensor, ...]:
-    """The decoder's output [B, L, H] (after the final norm) as a 1-tuple: no logits; or, for
-    feature KD, every hidden state (0 the embeddings, the last the output)."""
-    out = module.get_decoder()(**forward, use_cache=False, output_hidden_states=every_layer)
-    return tuple(out.hidden_states) if every_layer else (out[0],)
-
-
-def through_head(module: Any, fn: Any, hidden: torch.Tensor) -> Any:
-    """fn(lm_head weight, hidden) for every way the weight may be held. Plain (one process, DDP,
-    and FSDP2 as accelerate wraps it: the head's unit stays unsharded after forward): as it is.
-    A DTensor (an FSDP2 head resharded after forward): gathered whole, its gradient averaged
-    back over ranks as FSDP averages the rest. ZeRO-3 (outside its module's forward the weight is
-    a 0-row placeholder): fn runs as the head's forward, so ZeRO-3 gathers the weight around it
-    and again for its backward. (Calling an FSDP2 head a second time crashes its backward: only
-    ZeRO-3 takes that road.)"""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import Partial
-
-    head = module.get_output_embeddings()
-    weight = head.weight
-    if isinstance(weight, DTensor):
-        return fn(weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim), hidden)
-    if not hasattr(weight, "ds_id"):
-        return fn(weight, hidden)
-    head.forward = lambda h: fn(head.weight, h)  # an instance attribute shadows the class's forward
-    try:
-        return head(hidden)
-    finally:
-        del head.forward
-
-
-TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "completion_token_ids")
-# The teacher's rows on the tokenized examples, one per token, aligned with input_ids and labels:
-# packing and truncation cut and join them with the tokens (row j is the distribution token j was
-# sampled from; rows of tokens without loss are unused).
-TEACHER_ROWS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logprob")
-
-
-def teacher_token_dataset(dataset: Any, tokenizer: Any, vocab_size: int) -> Any:
-    """Tokenized examples whose completion is the teacher's sampled token ids, not a
-    re-tokenization of their text (which can differ: invalid UTF-8, skipped special tokens,
-    non-canonical merges), with the teacher's rows aligned to the tokens. The prompt is rendered
-    with the student's template, and the template's own tokens after an assistant turn (ChatML:
-    EOS, newline) are appended; they get one-hot rows (the template makes them certain, and so
-    does the EOS when the teacher was cut at max_tokens)."""
-    probe = dataset[0]["prompt"]
-    prompt_ids = _template_ids(tokenizer, probe, add_generation_prompt=True)
-    with_x = _template_ids(tokenizer, probe + [{"role": "assistant", "content": "x"}])
-    x_ids = tokenizer("x", add_special_tokens=False).input_ids
-    tail = with_x[len(prompt_ids) + len(x_ids):]
-
-    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
-        prompt = _template_ids(tokenizer, example["prompt"], add_generation_prompt=True)
-        completion = list(example["completion_token_ids"])
-        ending = tail[1:] if tail and completion and completion[-1] == tail[0] else tail  # EOS once
-        ids = torch.as_tensor(example["topk_ids"], dtype=torch.long).reshape(len(completion), -1)
-        if ids.numel() and int(ids.max()) >= vocab_size:
-            raise UserError(f"sample {example.get('prompt_id', '?')}: a teacher token id is outside the student's "
-                            f"{vocab_size} output rows; the teacher's vocabulary is larger than the student's")
-        k = ids.shape[1]
-        certain = torch.as_tensor(ending, dtype=torch.long)
-        certain_ids = (certain[:, None] + torch.arange(k)) % vocab_size  # the label first, then k - 1 others
-        certain_logprobs = torch.full((len(ending), k), LOG_ZERO)
-        certain_logprobs[:, 0] = 0.0
-        logprobs = torch.as_tensor(example["topk_logprobs"], dtype=torch.float32).reshape(len(completion), k)
-        rest = torch.as_tensor(example["topk_rest_logprob"], dtype=torch.float32)
-        unused = len(prompt)
-        return {"input_ids": prompt + completion + ending,
-                "labels": [-100] * len(prompt) + completion + ending,
-                "teacher_topk_ids": torch.cat([torch.zeros(unused, k, dtype=torch.long), ids, certain_ids]).tolist(),
-                "teacher_topk_logprobs": torch.cat([torch.zeros(unused, k), logprobs.clamp_min(LOG_ZERO),
-                                                    certain_logprobs]).tolist(),
-                "teacher_rest_logprob": torch.cat([torch.zeros(unused), rest.clamp_min(LOG_ZERO),
-                                                   torch.full((len(ending),), LOG_ZERO)]).tolist()}
-
-    return dataset.map(tokenize, remove_columns=list(dataset.column_names), desc="teacher tokens")
-
-
-def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-class TeacherRowsCollator:
-    """TRL's collator, plus the teacher rows of every trained position in the batch, in the
-    row-major order in which the loss visits them (padded, padding-free and packed batches).
-    The rows are the examples' own (offline), or asked of a teacher server for these tokens."""
-
-    def __init__(self, collator: Any, server: Any = None, top_k: int = 0) -> None:
-        self.collator, self.server, self.top_k = collator, server, top_k
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.server is not None:
-            rows = teacher_server.topk_rows(self.server, [list(e["input_ids"]) for e in examples], self.top_k)
-            examples = [{**e, **r} for e, r in zip(examples, rows, strict=True)]
-        batch = self.collator([{k: v for k, v in e.items() if k not in TEACHER_ROWS} for e in examples])
-        labels, lengths = batch["labels"], [len(e["input_ids"]) for e in examples]
-        # Each example's span of the collated labels: one row each, or one flat row (padding-free).
-        spans = (labels.flatten()[: sum(lengths)].split(lengths) if labels.shape[0] < len(examples)
-                 else [row[:n] for row, n in zip(labels, lengths)])
-        rows: dict[str, list[torch.Tensor]] = {key: [] for key in TEACHER_ROWS}
-        for example, span in zip(examples, spans):
-            trained = span != -100
-            trained[0] = False  # the first token of a sequence is predicted by nothing
-            for key in TEACHER_ROWS:
-                rows[key].append(torch.as_tensor(example[key])[: len(span)][trained])
-        for key, values in rows.items():
-            batch[key] = torch.cat(values)
-        return batch
 
 
 # ---------------------------------------------------------------------------- what was trained

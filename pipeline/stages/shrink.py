@@ -186,8 +186,8 @@ def shrink(cfg: ShrinkConfig) -> Path:
         raise UserError(f"output_dir {str(out)!r} is the teacher's dir; pick another output_dir (the teacher is "
                         "never replaced)")
     prompts = calibration_prompts(cfg) if cfg.method == "importance" else None  # bad prompt sets fail early
-    run = open_run(cfg, "shrink", inputs(cfg),
-                   FREE_KEYS | (set() if cfg.method == "importance" else CALIBRATION_KEYS))  # every_kth reads no prompts
+    free = FREE_KEYS | (set() if cfg.method == "importance" else CALIBRATION_KEYS)  # every_kth reads no prompts
+    run = open_run(cfg, "shrink", inputs(cfg), free)
     if run.complete:
         log.info(f"shrink: {out} was made by this config from this teacher; nothing to do")
         return out

@@ -87,8 +87,9 @@ def check_solution(terms: list[int], text: str) -> None:
         pair, _, rest = written.partition(": ")
         a, b, total = map(int, pair.replace("=", "+").split("+"))
         current = [int(x) for x in rest.split(" + ")]
-        if a + b != total or not any(previous[i:i + 2] == [a, b] and previous[:i] + [total] + previous[i + 2:] == current
-                                     for i in range(len(previous) - 1)):
+        follows = any(previous[i:i + 2] == [a, b] and previous[:i] + [total] + previous[i + 2:] == current
+                      for i in range(len(previous) - 1))
+        if a + b != total or not follows:
             raise ValueError(f"{question(terms)}: {written!r} does not follow from {line(previous)!r}")
         previous = current
     if previous != [sum(terms)] or not text.endswith(f"\\boxed{{{sum(terms)}}}."):

@@ -1,0 +1,224 @@
+"""Reading a study back: per cell, mean pass@1 over seeds with their spread, what the student
+trained on, its size, and paired differences against the baseline (same seeds, same prompts),
+written as OUT/study.json, OUT/study.md (the table) and OUT/study.png (the plot).
+
+It reads what the runs wrote: each eval's samples, each student's train summary
+(pipeline/training.py) and each run's record (pipeline/rundir.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import rundir
+from pipeline.study.grid import Cell, Run
+
+if TYPE_CHECKING:  # the config lives in the package's __init__, which imports this module
+    from pipeline.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> dict[str, Any]:
+    """Mean pass@1 over seeds per cell, the spread across seeds, and paired differences against
+    the baseline: per seed, and per prompt (averaged over seeds) for a 95% interval."""
+    scores: dict[str, dict[str, float]] = {}  # student run -> prompt id -> mean correct over its samples
+    references: dict[str, float] = {}  # the base eval's own models (the teacher)
+    for run in (r for r in runs if r.stage == "eval"):
+        by_model: dict[str, dict[str, list[bool]]] = {}
+        for r in eval_samples(Path(run.config["output_dir"])):
+            by_model.setdefault(r["model"], {}).setdefault(r["prompt_id"], []).append(bool(r["correct"]))
+        for model, prompts in by_model.items():
+            per_prompt = {p: sum(v) / len(v) for p, v in prompts.items()}
+            if model in {c.student for c in grid}:
+                scores[model] = per_prompt
+            else:
+                references[model] = sum(per_prompt.values()) / len(per_prompt)
+    axes = [a for a in grid[0].labels if a != "seed"]
+    groups: dict[tuple[str, ...], list[Cell]] = {}
+    for cell in grid:
+        groups.setdefault(tuple(cell.labels[a] for a in axes), []).append(cell)
+
+    def per_seed(key: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        return {c.labels["seed"]: scores[c.student] for c in groups[key]}
+
+    rows = []
+    for key, members in groups.items():
+        seeds = per_seed(key)
+        pass1 = {s: _mean(list(p.values())) for s, p in seeds.items()}
+        # the data of the cell's first training stage; the tokens seen by all of them (not the warm start)
+        chain = [train_summary(d) for d in members[0].outputs.values()]
+        summary = chain[0]
+        seen = [s.get("tokens_seen") for s in chain]
+        row = {**dict(zip(axes, key)), "pass@1": _mean(list(pass1.values())), "seed_std": _std(list(pass1.values())),
+               "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
+               "trained_tokens": summary.get("completion_tokens"), "tokens_seen": None if None in seen else sum(seen),
+               "parameters": parameters(list(members[0].outputs.values())[-1])}
+        base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
+        if cfg.baseline and base_key != key and base_key in groups:
+            row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
+        rows.append(row)
+    seconds = sum(run_seconds(r.config["output_dir"]) for r in runs)
+    result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
+              "references": references, "rows": rows, "run_seconds": round(seconds)}
+    (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "study.md").write_text(markdown(result))
+    plot(result, cfg.plot, out / "study.png")
+    log.info(markdown(result))
+    log.info(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
+    return result
+
+
+def paired_difference(cell: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """cell - baseline on the same seeds and prompts: per seed, their mean and spread, and a 95%
+    interval over prompts of the per-prompt difference averaged over seeds."""
+    seeds = sorted(set(cell) & set(base))
+    prompts = sorted(set.intersection(*(set(cell[s]) & set(base[s]) for s in seeds)))
+    per_seed = {s: _mean([cell[s][p] - base[s][p] for p in prompts]) for s in seeds}
+    per_prompt = [_mean([cell[s][p] - base[s][p] for s in seeds]) for p in prompts]
+    half = 1.96 * _std(per_prompt) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    mean = _mean(per_prompt)
+    return {"mean": mean, "seed_std": _std(list(per_seed.values())), "per_seed": per_seed,
+            "prompt_ci95": [mean - half, mean + half], "seeds_better": sum(d > 0 for d in per_seed.values()),
+            "seeds": len(seeds)}
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _std(xs: list[float]) -> float:
+    """Sample standard deviation (n - 1); nan for a single value."""
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+# ---------------------------------------------------------------------------- what the runs wrote
+
+def eval_samples(eval_dir: Path) -> list[dict[str, Any]]:
+    """Every sample an eval run scored, all models: its `samples.jsonl`, the eval stage's documented
+    output (pipeline/stages/eval.py: one row per sample with `model`, `prompt_id` and `correct`)."""
+    return [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def train_summary(model_dir: str) -> dict[str, Any]:
+    """What a training run's student saw (samples, prompts, completion tokens, tokens seen); {} for none."""
+    from pipeline.training import read_train_summary
+
+    return read_train_summary(model_dir)
+
+
+def run_seconds(output_dir: str) -> float:
+    """The seconds a run took, from its record (pipeline/rundir.py); 0 for a run without one."""
+    record = rundir.files(Path(output_dir))[0]
+    return json.loads(record.read_text()).get("seconds", 0) if record.is_file() else 0
+
+
+def parameters(model_dir: str) -> int | None:
+    """The student's parameter count, from its safetensors headers (students may differ in size)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
+
+
+# ---------------------------------------------------------------------------- table and plot
+
+def markdown(result: dict[str, Any]) -> str:
+    axes, n = result["axes"], len(result["seeds"])
+    lines = [f"{result['description']}".strip(), "",
+             f"pass@1: mean over {n} seed(s) ± their standard deviation; traces, prompts and completion tokens "
+             "the student trained on (first seed; on-policy: its own samples), and completion tokens seen over all "
+             "steps; paired difference: the same seeds and prompts against the "
+             "baseline, mean ± the seeds' standard deviation, [95% interval over prompts], seeds where the cell is "
+             "better.", ""]
+    head = [*axes, "pass@1", "per seed", "parameters", "traces (prompts)", "trained tokens", "tokens seen",
+            "vs " + ", ".join(
+        f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        diff = row.get("vs_baseline")
+        diff_text = (f"{diff['mean']:+.3f} ± {_fmt(diff['seed_std'])} [{diff['prompt_ci95'][0]:+.3f}, "
+                     f"{diff['prompt_ci95'][1]:+.3f}], {diff['seeds_better']}/{diff['seeds']}") if diff else ""
+        lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
+                                         " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
+                                         f"{row['parameters']:,}" if row.get("parameters") else "",
+                                         f"{row['trained_samples']} ({row['trained_prompts']})",
+                                         str(row["trained_tokens"]), str(row.get("tokens_seen")), diff_text]) + " |")
+    refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
+    lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
+              ""]
+    return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """heatmap (x, y), lines (x, one line per `lines` axis) or bars (x): mean pass@1, seed spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, kind = result["rows"], spec.get("kind", "bars")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    order = lambda axis: list(dict.fromkeys(r[axis] for r in rows))  # noqa: E731 (grid order)
+    if kind == "heatmap":
+        xs, ys = order(spec["x"]), order(spec["y"])
+        at = {(r[spec["x"]], r[spec["y"]]): r for r in rows}
+        grid = [[at[(x, y)]["pass@1"] if (x, y) in at else float("nan") for x in xs] for y in ys]  # zip: gaps
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                if (x, y) not in at:
+                    continue
+                r = at[(x, y)]
+                ax.text(j, i, f"{r['pass@1']:.3f}\n±{_fmt(r['seed_std'])}", ha="center", va="center",
+                        color="white" if r["pass@1"] < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.set_ylabel(spec["y"])
+        fig.colorbar(image, ax=ax, label="student pass@1")
+    else:
+        lines = order(spec["lines"]) if kind == "lines" else [None]
+        xs = order(spec["x"])
+        for line in lines:
+            points = [r for r in rows if line is None or r[spec["lines"]] == line]  # zipped axes: not every x
+            at = [xs.index(r[spec["x"]]) for r in points]
+            means = [r["pass@1"] for r in points]
+            spread = [0 if math.isnan(r["seed_std"]) else r["seed_std"] for r in points]
+            if kind == "lines":
+                ax.errorbar(at, means, yerr=spread, marker="o", capsize=3, label=line)
+            else:
+                ax.bar(at, means, yerr=spread, capsize=4, color="tab:blue")
+                for x, r, top in zip(at, points, (m + s for m, s in zip(means, spread))):
+                    if "vs_baseline" in r:  # the paired difference against the baseline, on its bar
+                        ax.text(x, top + 0.01, f"{r['vs_baseline']['mean']:+.3f}", ha="center", fontsize=7)
+        for m, (name, value) in enumerate(result["references"].items()):
+            ax.axhline(value, linestyle="--", color=f"C{m + 3}", label=f"{name} {value:.3f}")
+        crowded = sum(len(x) for x in xs) > 60
+        ax.set_xticks(range(len(xs)), xs, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                      fontsize=8 if crowded else None)
+        ax.set_ylabel("student pass@1 (mean ± seed std)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(spec.get("x", ""))
+    title = result["description"].split(" (make study")[0] or "study"
+    references = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
+    shown = f"\n(reference: {references})" if kind == "heatmap" and references else ""
+    ax.set_title(textwrap.fill(title, 70) + shown, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
