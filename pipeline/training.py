@@ -5,7 +5,13 @@ tokenizer, EOS, model card, train summary).
     output_dir/config.yaml, run.json  the resolved config and the record (pipeline/rundir.py)
     output_dir/checkpoint-*/          resumable checkpoints (an unfinished run resumes from the last one)
     output_dir/                       final model, tokenizer, generation config (EOS), README.md card
-    output_dir/train_summary.json     what the student saw (samples, prompts, trained tokens, steps, ...)
+    output_dir/train_summary.json     what the student saw (`train_summary`, read by `read_train_summary`)
+
+train_summary.json, the same base keys for every training stage (None where a stage cannot know):
+samples (trained sequences), prompts (distinct prompts), completion_tokens (trained tokens in the
+data; onpolicy: sampled), tokens_seen (completion tokens trained on over all epochs), steps,
+final_loss (the last logged loss); a stage's extras follow (onpolicy: seconds, share_of_step,
+sampled_tokens_per_s).
 """
 
 from __future__ import annotations
@@ -115,6 +121,19 @@ def save_student(trainer: Any, cfg: Any, card: str, summary: dict[str, Any]) -> 
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.push_to_hub:
         trainer.push_to_hub()
+
+
+def train_summary(trainer: Any, samples: int | None, prompts: int | None, completion_tokens: int | None,
+                  tokens_seen: int | None, **extras: Any) -> dict[str, Any]:
+    """The train_summary.json of a run (the schema above): the base keys, then the stage's extras."""
+    return {"samples": samples, "prompts": prompts, "completion_tokens": completion_tokens,
+            "tokens_seen": tokens_seen, "steps": trainer.state.global_step, "final_loss": last_loss(trainer), **extras}
+
+
+def read_train_summary(model_dir: str | Path) -> dict[str, Any]:
+    """A trained student's train_summary.json; {} where there is none."""
+    path = Path(model_dir) / "train_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def last_loss(trainer: Any) -> float | None:

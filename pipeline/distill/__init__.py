@@ -16,10 +16,75 @@ relatives live apart: on-policy distillation is its own stage (pipeline/stages/o
 student cut from the teacher's layers is the shrink stage, sequence-level distillation is SFT on
 the generate stage's traces.
 
-A new method today: its loss as a pure function over tensors in the file of its kind of knowledge
-(a new file for a new kind), with a docstring giving the formula, the paper's weight and the
-choices made (positions, pooling, reduction); its term in objective.py (`term_weights`,
-`distill_losses`); its config keys and checks in `SFTStageConfig`; tests of its mathematics in
-tests/test_distill.py (zero when the student equals the teacher, gradients against a naive
-version, its invariances) and a run in the methods study (configs/studies/methods.yaml).
+A new method edits no stage file: its module here declares `METHOD = Method(...)` (its config
+keys, checks, terms and weights, its loss), `methods()` finds it, the sft stage's config takes its
+keys (so YAML, the command line and `--help` do) and objective.py adds its terms. Feature and
+relational KD are built that way; docs/adding-a-method.md walks through it, and
+tests/test_new_method.py adds a toy method the same way.
 """
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Method:
+    """A term (or terms) beside CE and logit KD, declared by the module that computes it.
+
+    keys: a dataclass of its config keys (`pipeline.config.setting` with help); one bool key,
+    named by `switch`, turns it on. `weights(cfg)`: each logged term's weight. `loss(batch)`: the
+    terms of one batch (a `Batch`), named as `weights` names them. `check(cfg)` raises ValueError
+    on keys that cannot work. `every_layer`: needs every hidden state, not just the last.
+    `batch_means`: terms that are a micro-batch's mean rather than a sum over tokens (scaled over
+    accumulation and processes as the token sums are). `module(cfg, student_config,
+    teacher_config)`: parameters trained beside the student (saved in checkpoints, not in the
+    final student)."""
+
+    keys: type
+    switch: str
+    weights: Callable[[Any], dict[str, float]]
+    loss: Callable[["Batch"], dict[str, Any]]
+    check: Callable[[Any], None] = lambda cfg: None
+    every_layer: bool = False
+    batch_means: frozenset[str] = frozenset()
+    module: Callable[[Any, Any, Any], Any] | None = None
+
+
+@dataclass
+class Batch:
+    """What a method's loss sees of one batch: the student's and the teacher's hidden states
+    (every layer's, or the last as a 1-tuple, each cut to the positions that predict a next
+    token), the mask of those that predict completion tokens, the token count the terms are
+    normalised by, and what trains beside the student (its `module`, under the method's name)."""
+
+    cfg: Any
+    states: tuple[Any, ...]
+    teacher_states: tuple[Any, ...]
+    mask: Any
+    num_items_in_batch: Any
+    modules: Any
+
+
+def methods() -> dict[str, Method]:
+    """Every module of this package (and of any folder added to its __path__) that declares METHOD."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "METHOD", None), Method):
+            found[info.name] = module.METHOD
+    return found
+
+
+def enabled(cfg: Any) -> dict[str, Method]:
+    return {name: m for name, m in methods().items() if getattr(cfg, m.switch, False)}
+
+
+def needs_local_teacher(cfg: Any) -> None:
+    """The check of methods that read a local teacher's hidden states."""
+    if not (cfg.kd == "online" and isinstance(cfg.teacher, str)):
+        raise ValueError("feature_kd and relation_kd read a local teacher's hidden states: set kd: online and "
+                         "teacher: one model path (kd_alpha: 0 leaves out the logit term)")

@@ -26,10 +26,13 @@ teacher's do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import UserError
+from pipeline.config import UserError, setting
+from pipeline.distill import Batch, Method, needs_local_teacher
 
 
 def layer_map(student_layers: int, teacher_layers: int, pairs: list[str] | None = None) -> list[tuple[int, int]]:
@@ -80,3 +83,26 @@ def feature_loss(student_states: tuple[Tensor, ...], teacher_states: tuple[Tenso
 def _full(x: Tensor) -> Tensor:
     """fp32 at least: cosines of half-precision states lose the small differences trained on."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@dataclass
+class FeatureKeys:
+    feature_kd: bool = setting(False, help="hidden-state KD, projected (features.py); needs kd: online and one "
+                                           "local teacher")
+    feature_weight: float = setting(1.0, help="weight of the feature KD term")
+    feature_layers: list[str] = setting([], help='"student:teacher" hidden-state index pairs; []: every student '
+                                                 "layer, mapped evenly")
+
+
+def _projections(cfg: FeatureKeys, student: object, teacher: object) -> nn.Module:
+    pairs = layer_map(student.num_hidden_layers, teacher.num_hidden_layers, cfg.feature_layers)
+    return FeatureProjections(pairs, student.hidden_size, teacher.hidden_size)
+
+
+def _loss(batch: Batch) -> dict[str, Tensor]:
+    return {"feature_loss": feature_loss(batch.states, batch.teacher_states, batch.modules["features"], batch.mask,
+                                         batch.num_items_in_batch)}
+
+
+METHOD = Method(keys=FeatureKeys, switch="feature_kd", weights=lambda cfg: {"feature_loss": cfg.feature_weight},
+                loss=_loss, check=needs_local_teacher, every_layer=True, module=_projections)

@@ -14,12 +14,10 @@ from typing import Any
 
 import torch
 
-from pipeline.distill import features, relations
+from pipeline import distill
+from pipeline.distill import Batch
 from pipeline.distill.logits import chunked_kd_loss
 from pipeline.distill.rows import TEACHER_ROWS
-
-# Terms that are a micro-batch's mean rather than a sum over its tokens.
-BATCH_MEANS = {"relation_distance_loss", "relation_angle_loss"}
 
 
 def term_weights(cfg: Any) -> dict[str, float]:
@@ -27,12 +25,14 @@ def term_weights(cfg: Any) -> dict[str, float]:
     weights = {"ce_loss": 1.0 - cfg.kd_alpha, "kd_loss": cfg.kd_alpha}
     if cfg.kd == "mutual":  # the peer's own objective, the same terms towards this student
         weights |= {"peer_ce_loss": 1.0 - cfg.kd_alpha, "peer_kd_loss": cfg.kd_alpha}
-    if cfg.feature_kd:
-        weights["feature_loss"] = cfg.feature_weight
-    if cfg.relation_kd:
-        weights |= {"relation_distance_loss": cfg.relation_distance_weight,
-                    "relation_angle_loss": cfg.relation_angle_weight}
+    for method in distill.enabled(cfg).values():
+        weights |= method.weights(cfg)
     return weights
+
+
+def batch_means(cfg: Any) -> set[str]:
+    """Terms that are a micro-batch's mean rather than a sum over its tokens."""
+    return set().union(*(m.batch_means for m in distill.enabled(cfg).values()))
 
 
 # What the model's forward takes from a batch: padded (attention_mask), or padding-free and packed
@@ -55,7 +55,8 @@ def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules
     forward = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     labels = inputs["labels"][:, 1:]
     mask = labels != -100  # the states that predict completion tokens
-    every_layer = kd.feature_kd  # relations need only the last state (pooled per sample)
+    methods = distill.enabled(kd)
+    every_layer = any(m.every_layer for m in methods.values())  # else the last state only
     logit_kd = {"temperature": kd.kd_temperature, "kind": kd.kd_divergence, "beta": kd.kd_beta,
                 "chunk_size": kd.kd_chunk_size, "num_items_in_batch": num_items_in_batch, "vocab_size": vocab_size,
                 "alpha": kd.kd_alpha}
@@ -95,14 +96,11 @@ def distill_losses(model: Any, module: Any, teachers: list[Any], teacher_modules
             return {**losses, "peer_ce_loss": towards_student["ce_loss"], "peer_kd_loss": towards_student["kd_loss"]}
         losses = through_head(module, lambda w, h: chunked_kd_loss(h, w, labels, **teacher_kwargs, **logit_kd),
                               hidden)
-        if kd.feature_kd:
-            losses["feature_loss"] = features.feature_loss(
-                [s[:, :-1] for s in states], [t[:, :-1] for t in teacher_states],
-                module.distill_modules["features"], mask, num_items_in_batch)
-        if kd.relation_kd:
-            student, teacher = relations.pooled(hidden, mask), relations.pooled(teacher_states[-1][:, :-1], mask)
-            losses["relation_distance_loss"] = relations.distance_loss(student, teacher)
-            losses["relation_angle_loss"] = relations.angle_loss(student, teacher)
+        if methods:  # the rest of the family, each from its module (pipeline/distill/)
+            batch = Batch(kd, tuple(s[:, :-1] for s in states), tuple(t[:, :-1] for t in teacher_states), mask,
+                          num_items_in_batch, getattr(module, "distill_modules", None))
+            for method in methods.values():
+                losses |= method.loss(batch)
         return losses
 
     return through_wrapper(model, module, student_losses)

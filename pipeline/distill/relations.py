@@ -22,10 +22,14 @@ projected; both losses are unchanged when a side is scaled, rotated or shifted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import setting
+from pipeline.distill import Batch, Method, needs_local_teacher
 from pipeline.distill.features import _full
 
 
@@ -60,3 +64,30 @@ def angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     with torch.no_grad():
         target = _angles(_full(teacher))
     return F.smooth_l1_loss(_angles(_full(student)), target)
+
+
+@dataclass
+class RelationKeys:
+    relation_kd: bool = setting(False, help="RKD: distances and angles between a batch's samples (relations.py); "
+                                            "as feature_kd, and batch >= 3")
+    relation_distance_weight: float = setting(25.0, help="weight of the RKD distance term")
+    relation_angle_weight: float = setting(50.0, help="weight of the RKD angle term")
+
+
+def _check(cfg: RelationKeys) -> None:
+    needs_local_teacher(cfg)
+    if cfg.packing or cfg.padding_free or cfg.per_device_train_batch_size < 3:
+        raise ValueError("relation_kd compares a device batch's samples: it needs per_device_train_batch_size "
+                         ">= 3 (angles are over triplets) and no packing or padding_free")
+
+
+def _loss(batch: Batch) -> dict[str, Tensor]:
+    student, teacher = pooled(batch.states[-1], batch.mask), pooled(batch.teacher_states[-1], batch.mask)
+    return {"relation_distance_loss": distance_loss(student, teacher),
+            "relation_angle_loss": angle_loss(student, teacher)}
+
+
+METHOD = Method(keys=RelationKeys, switch="relation_kd",
+                weights=lambda cfg: {"relation_distance_loss": cfg.relation_distance_weight,
+                                     "relation_angle_loss": cfg.relation_angle_weight},
+                loss=_loss, check=_check, batch_means=frozenset({"relation_distance_loss", "relation_angle_loss"}))

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
-from pipeline.distill import features
-from pipeline.distill.objective import BATCH_MEANS, distill_losses, term_weights
+from pipeline import distill
+from pipeline.distill.objective import batch_means, distill_losses, term_weights
 from pipeline.distill.rows import TEACHER_ROWS, TeacherRowsCollator
 
 
@@ -32,10 +32,10 @@ class KDTrainer(SFTTrainer):
         trained = {}
         if kd.kd == "mutual":
             trained["peer"], teachers = teachers[0], []
-        if kd.feature_kd:
-            student, teacher = self.model.config.get_text_config(), teachers[0].config.get_text_config()
-            pairs = features.layer_map(student.num_hidden_layers, teacher.num_hidden_layers, kd.feature_layers)
-            trained["features"] = features.FeatureProjections(pairs, student.hidden_size, teacher.hidden_size)
+        for name, method in distill.enabled(kd).items():  # e.g. feature KD's projections
+            if method.module is not None:
+                trained[name] = method.module(kd, self.model.config.get_text_config(),
+                                              teachers[0].config.get_text_config())
         if trained:
             self.model.distill_modules = torch.nn.ModuleDict(trained).to(self.args.device)
         self.teachers = [self._prepare_teacher(t) for t in teachers]
@@ -63,7 +63,7 @@ class KDTrainer(SFTTrainer):
         global_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
         scale = self.accelerator.num_processes if global_count else 1
         steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
-        for key in BATCH_MEANS & losses.keys():  # a micro-batch's mean: made a share as the token sums are
+        for key in batch_means(self.kd) & losses.keys():  # a micro-batch's mean: made a share as the token sums are
             losses[key] = losses[key] / (steps * scale)
         weights = term_weights(self.kd)
         loss = sum(weights[key] * losses[key] for key in weights)

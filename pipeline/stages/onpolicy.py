@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
+from pipeline import training
 from pipeline.config import UserError, require, setting
 from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
@@ -254,10 +255,10 @@ def train_summary(trainer: Any) -> dict[str, Any]:
                                                          device=trainer.accelerator.device), "sum").tolist()
         counts["sampled_tokens"], counts["completions"] = (int(x) for x in totals)
         counts["prompts"] = set()  # distinct prompts are counted per process only
-    summary = {"samples": counts.get("completions"), "prompts": len(counts.get("prompts", ())) or None,
-               "completion_tokens": counts.get("sampled_tokens"), "tokens_seen": counts.get("sampled_tokens"),
-               "steps": trainer.state.global_step,
-               "final_loss": last_loss(trainer)}
+    summary = training.train_summary(trainer, samples=counts.get("completions"),
+                                     prompts=len(counts.get("prompts", ())) or None,
+                                     completion_tokens=counts.get("sampled_tokens"),
+                                     tokens_seen=counts.get("sampled_tokens"))
     if counts.get("step_s"):
         step = counts["step_s"]
         summary["seconds"] = {k: round(counts[f"{k}_s"], 2) for k in ("sampling", "scoring", "step")}

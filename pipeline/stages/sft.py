@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from trl import SFTConfig, SFTTrainer
 
+from pipeline import distill, training
 from pipeline.config import UserError, require, setting
 from pipeline.distill import teachers
 from pipeline.distill.objective import term_weights
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
-    """Every SFTConfig / TrainingArguments field, the LoRA keys (pipeline/training.py), and the keys below."""
+class SFTStageConfig(SFTConfig, *(m.keys for m in distill.methods().values()), LoraKeys, RunKeys):
+    """Every SFTConfig / TrainingArguments field, each distillation method's keys (pipeline/distill/: feature
+    and relational KD, ...), the LoRA keys (pipeline/training.py), and the keys below."""
 
     output_dir: str | None = setting(None, help="checkpoints and the final student model (with its card, "
                                                 "train_summary.json and config.yaml)")
@@ -84,16 +86,6 @@ class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
     kd_beta: float = setting(0.5, help="jsd only: the mixture weight (0: forward KL, 1: reverse KL)")
     kd_chunk_size: int = setting(256, help="tokens per chunk of logits: bounds the loss's memory (see "
                                            "BENCHMARKS.md)")
-    # The rest of the family (pipeline/distill/); weights are the papers', stated in each file.
-    feature_kd: bool = setting(False, help="hidden-state KD, projected (features.py); needs kd: online and one "
-                                           "local teacher")
-    feature_weight: float = setting(1.0, help="weight of the feature KD term")
-    feature_layers: list[str] = setting([], help='"student:teacher" hidden-state index pairs; []: every student '
-                                                 "layer, mapped evenly")
-    relation_kd: bool = setting(False, help="RKD: distances and angles between a batch's samples (relations.py); "
-                                            "as feature_kd, and batch >= 3")
-    relation_distance_weight: float = setting(25.0, help="weight of the RKD distance term")
-    relation_angle_weight: float = setting(50.0, help="weight of the RKD angle term")
     mutual_peer: str | None = setting(None, help="kd: mutual: the second student's init, trained beside this one "
                                                  "(saved in output_dir/peer)")
     generations: int = setting(1, help="born-again: K students in turn, each after the first taught by the one "
@@ -106,13 +98,8 @@ class SFTStageConfig(SFTConfig, LoraKeys, RunKeys):
         if self.kd == "online" and bool(self.teacher) == bool(self.teacher_server):
             raise ValueError("kd: online needs one teacher: teacher (a model path or hub id, loaded here) or "
                              "teacher_server (the URL of a vLLM server serving it)")
-        local = self.kd == "online" and isinstance(self.teacher, str)
-        if (self.feature_kd or self.relation_kd) and not local:
-            raise ValueError("feature_kd and relation_kd read a local teacher's hidden states: set kd: online and "
-                             "teacher: one model path (kd_alpha: 0 leaves out the logit term)")
-        if self.relation_kd and (self.packing or self.padding_free or self.per_device_train_batch_size < 3):
-            raise ValueError("relation_kd compares a device batch's samples: it needs per_device_train_batch_size "
-                             ">= 3 (angles are over triplets) and no packing or padding_free")
+        for method in distill.enabled(self).values():  # the family's own keys (pipeline/distill/)
+            method.check(self)
         if (self.kd == "mutual") != bool(self.mutual_peer):
             raise ValueError("kd: mutual trains two students, this one and mutual_peer (its init: a model path), "
                              "each taught by the other (teacher is not used): set both")
@@ -297,10 +284,9 @@ def train_summary(trainer: Any) -> dict[str, Any]:
     args = trainer.args
     seen = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps \
         * trainer.accelerator.num_processes  # samples drawn over the epochs (packed: sequences)
-    return {"samples": len(data), "completion_tokens": int(tokens), "steps": trainer.state.global_step,
-            "tokens_seen": round(tokens * seen / max(len(data), 1)),
-            "prompts": len(set(data["prompt_id"])) if "prompt_id" in data.column_names else None,
-            "final_loss": last_loss(trainer)}
+    return training.train_summary(trainer, samples=len(data), completion_tokens=int(tokens),
+                                  tokens_seen=round(tokens * seen / max(len(data), 1)),
+                                  prompts=len(set(data["prompt_id"])) if "prompt_id" in data.column_names else None)
 
 
 def model_card(cfg: SFTStageConfig, trainer: Any) -> str:
