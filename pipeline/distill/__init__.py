@@ -25,6 +25,7 @@ tests/test_new_method.py adds a toy method the same way.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -69,8 +70,10 @@ class Batch:
     modules: Any
 
 
+@functools.cache  # looked up on every training step (term weights, the loss): list and import once
 def methods() -> dict[str, Method]:
-    """Every module of this package (and of any folder added to its __path__) that declares METHOD."""
+    """Every module of this package (and of any folder added to its __path__ before the first call)
+    that declares METHOD."""
     found = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
