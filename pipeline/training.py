@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import setting
+from pipeline.config import UserError, setting
 from pipeline.rundir import Run, open_run
 
 log = logging.getLogger(__name__)
@@ -148,3 +148,47 @@ def traces_teacher(dataset: str) -> str:
         import yaml
         return str((yaml.safe_load(config.read_text()) or {}).get("model", "unknown"))
     return "unknown"
+
+
+# ---------------------------------------------------------------------------- data checks before training
+
+def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: Any) -> None:
+    """Some templates (DeepSeek-R1-Distill's, Qwen3's) strip the reasoning from assistant turns;
+    training on that would teach the student to answer without thinking."""
+    content = sample["completion"][0]["content"]
+    reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
+    rendered = tokenizer.apply_chat_template(sample["prompt"] + sample["completion"], tokenize=False)
+    if "</think>" in content and reasoning and reasoning[:50] not in rendered:
+        raise UserError(f"the chat template of {cfg.model} drops the <think> block from assistant messages; "
+                        "set chat_template: chatml to train on the reasoning")
+
+
+def set_max_length(cfg: Any, tokenizer: Any, dataset: Any) -> None:
+    if "input_ids" in dataset.column_names:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    else:
+        lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False))
+                   for r in dataset.select_columns(["prompt", "completion"])]
+    if cfg.padding_free and not cfg.packing:  # TRL truncates nothing there, and refuses a max_length
+        return
+    if cfg.max_length is None:
+        cfg.max_length = max(lengths)
+        log.info(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
+    truncated = sum(n > cfg.max_length for n in lengths)
+    if truncated:
+        log.warning(f"warning: {truncated} of {len(lengths)} samples are longer than max_length={cfg.max_length} "
+              "and will be truncated (their EOS is lost); raise max_length or filter them out")
+
+
+def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
+    """Samples must end in the student's EOS and that EOS must carry loss (pad == eos
+    collators can mask it out, and a student that never saw EOS never stops)."""
+    sample = trainer.train_dataset[0]
+    trained = [t for t in sample.get("labels", sample["input_ids"]) if t != -100]
+    if tokenizer.eos_token_id not in trained[-2:]:  # ChatML puts a newline after the EOS
+        raise UserError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
+                        "use a chat template that ends assistant turns with the EOS token")
+    labels = trainer.data_collator([sample])["labels"][0].tolist()
+    if tokenizer.eos_token_id not in labels:
+        raise UserError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
+                        "(pad_token == eos_token?): set a distinct pad token")

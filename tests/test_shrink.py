@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import UserError, load_config
-from pipeline.stages.shrink import ShrinkConfig, block_influence, every_kth_layers, most_important_layers, shrink
+from pipeline.pruning import block_influence, every_kth_layers, most_important_layers
+from pipeline.stages.shrink import ShrinkConfig, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMS = {"prompt_set": str(ROOT / "prompts/sums"), "split": "train"}

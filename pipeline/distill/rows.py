@@ -12,6 +12,7 @@ import torch
 from pipeline.config import UserError
 from pipeline.distill.logits import LOG_ZERO
 from pipeline.inference import teacher_server
+from pipeline.traces import vocab_fingerprint
 
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "completion_token_ids")
 
@@ -93,3 +94,24 @@ class TeacherRowsCollator:
         for key, values in rows.items():
             batch[key] = torch.cat(values)
         return batch
+
+
+def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: Any) -> None:
+    """Stored top-k rows are usable only as raw log-probs (T = 1, no top-p) over the student's
+    own vocabulary: ids from another tokenizer name other tokens, and training would go on."""
+    teacher = ", ".join(dataset.unique("teacher")) if "teacher" in dataset.column_names else "the teacher"
+    modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
+    if modes:
+        raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store "
+                        f"{', '.join(modes)} "
+                        "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
+                        "would apply twice and the tail is lost): generate them again with logprobs_mode: "
+                        "raw_logprobs")
+    student = vocab_fingerprint(tokenizer)
+    stored = set(dataset.unique("teacher_vocab")) - {student}
+    if stored:
+        raise UserError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
+                        f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
+                        "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
+                        "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
+                        "traces (TRL's GOLD trainer, ULD loss)")

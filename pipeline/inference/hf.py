@@ -16,6 +16,12 @@ from pipeline.inference.sampling import SamplingKeys, sample_seed, split_think
 from pipeline.prompts import Prompt, chat_prompt, render
 
 
+def ensemble_members(path: str) -> list[str]:
+    """The models of an ensemble entry "a+b+c"; [path] for one model (also a local path that
+    exists as written, "+" and all)."""
+    return [path] if "+" not in path or Path(path).exists() else path.split("+")
+
+
 def sample_transformers(cfg: SamplingKeys, path: str, prompts: list, temperature: float,
                         dtype: str) -> list[dict[str, Any]] | None:
     """HF generate; each process takes a slice of the prompts, the main one gathers (None elsewhere).

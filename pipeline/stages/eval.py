@@ -34,9 +34,16 @@ from typing import Any, Literal
 
 from pipeline.config import UserError, require, setting
 from pipeline.inference.engine import EngineConfig
-from pipeline.inference.hf import release_processes, sample_ensemble, sample_transformers, shared_tokenizer
+from pipeline.inference.hf import (
+    ensemble_members,
+    release_processes,
+    sample_ensemble,
+    sample_transformers,
+    shared_tokenizer,
+)
 from pipeline.inference.sampling import SamplingKeys, TracesConfig, run_traces
 from pipeline.prompts import PromptSource, load_prompts
+from pipeline.reports import plot, report_markdown
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 from pipeline.scoring import ScoringConfig, metrics, score_texts, scored_text
 from pipeline.traces import save_dataset
@@ -83,12 +90,6 @@ class EvalConfig(SamplingKeys, ScoringConfig, EngineConfig, PromptSource, RunKey
         pairs = [m.split("=", 1) if "=" in m else ["+".join(Path(p.rstrip("/")).name for p in ensemble_members(m)), m]
                  for m in self.models]
         return [(name, path) for name, path in pairs]
-
-
-def ensemble_members(path: str) -> list[str]:
-    """The models of an ensemble entry "a+b+c"; [path] for one model (also a local path that
-    exists as written, "+" and all)."""
-    return [path] if "+" not in path or Path(path).exists() else path.split("+")
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
@@ -219,51 +220,3 @@ def protocol(cfg: EvalConfig, scorer: str, source: str, n_prompts: int) -> dict[
     return {"prompts": source, "split": cfg.split, "n_prompts": n_prompts, "k": cfg.num_samples,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
             "scorer": scorer, "backend": cfg.backend, "models": dict(cfg.model_list())}
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    p = report["protocol"]
-    k = p["k"]
-    lines = [f"# Eval: {p['prompts']} ({p['split']}, {p['n_prompts']} prompts)", "",
-             f"Protocol: k = {k} samples per prompt, temperature {p['temperature']}, top_p {p['top_p']}, "
-             f"max_tokens {p['max_tokens']}, seed {p['seed']}, scorer `{p['scorer']}`, backend {p['backend']}.", "",
-             f"| model | pass@1 | 95% CI | pass@{k} | maj@{k} | truncated | mean tokens |",
-             "|---|---|---|---|---|---|---|"]
-    for name, m in report["models"].items():
-        low, high = m["pass@1_ci95"]
-        lines.append(f"| {name} | {m['pass@1']:.3f} | [{low:.3f}, {high:.3f}] | {m[f'pass@{k}']:.3f} | "
-                     f"{m[f'maj@{k}']:.3f} | {m['share_truncated']:.1%} | {m['mean_completion_tokens']:.1f} |")
-    for name, m in report["models"].items():
-        lines += ["", skipped_line(name, m["skipped_too_long"])] if m.get("skipped_too_long") else []
-    lines += ["", "Models: " + ", ".join(f"{n} = `{path}`" + (" (ensemble: mean of the members' probabilities)"
-                                                              if len(ensemble_members(path)) > 1 else "")
-                                         for n, path in p["models"].items()), ""]
-    return "\n".join(lines)
-
-
-def skipped_line(name: str, ids: list[str], shown: int = 10) -> str:
-    listed = ", ".join(ids[:shown]) + (f", and {len(ids) - shown} more (report.json)" if len(ids) > shown else "")
-    return (f"Skipped as too long for `{name}`: {len(ids)} prompt{'s' if len(ids) != 1 else ''} ({listed}), "
-            "left out for every model.")
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["models"])
-    means = [report["models"][n]["pass@1"] for n in names]
-    errors = [[m - report["models"][n]["pass@1_ci95"][0] for n, m in zip(names, means)],
-              [report["models"][n]["pass@1_ci95"][1] - m for n, m in zip(names, means)]]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-    ax.bar(names, means, yerr=errors, capsize=6, color="#4C72B0")
-    for i, (m, above) in enumerate(zip(means, errors[1])):
-        ax.text(i, m + above + 0.02, f"{m:.2f}", ha="center")  # above the interval's cap
-    p = report["protocol"]
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel(f"pass@1 (mean of k={p['k']}), 95% CI")
-    ax.set_title(f"{Path(p['prompts']).parent.name or p['prompts']} {p['split']}: T={p['temperature']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,26 +1,15 @@
 """The onpolicy stage: the student samples completions of the prompts, the teacher scores every
 sampled token, and the student is pushed down the per-token divergence between the two (Qwen3's
-second step of distillation, after SFT on traces). It starts from any student, typically the sft
-stage's output: generate -> sft -> onpolicy -> eval.
+second step of distillation, after SFT on traces): generate -> sft -> onpolicy -> eval.
 
-Which divergence is optimised depends on the teacher (the model card says which one ran):
-- a local teacher (`teacher`, same tokenizer): TRL's DistillationTrainer. Generalized JSD(beta)
-  between the full next-token distributions of student and teacher, both softened by
-  `temperature`, on the student's own samples: beta = 1 is reverse KL (mode-seeking, the usual
-  on-policy choice), beta = 0 forward KL. Chunked over the vocabulary (TRL's kernel).
-- a served teacher (`teacher_server`, pipeline/inference/teacher_server.py): TRL's ServerDistillationTrainer.
-  The server returns top-k log-probs only, so beta = 0 is forward KL over the teacher's top-k ids
-  plus one tail bucket, and beta > 0 is generalized JSD over a top-1 support (the teacher's argmax
-  and the sampled token) plus a tail bucket: a far coarser signal than the local path's.
-- a teacher with another tokenizer: TRL's GOLD trainer (ULD loss, see `gold_trainer`); `lmbda`
-  is the share of batches the student samples, the rest are completions from `dataset`, scored
-  by the live teacher (stored ids mean nothing to another tokenizer). With a shared tokenizer
-  the off-policy part is the sft stage's online KD.
+The teacher chooses the trainer, and so the divergence (docs/onpolicy.md has the table; the model
+card says which one ran): a local teacher with the student's tokenizer, TRL's DistillationTrainer
+(generalized JSD(beta) over the full distributions); a served one (`teacher_server`), TRL's
+ServerDistillationTrainer (top-k plus a tail bucket); a teacher with another tokenizer, TRL's GOLD
+trainer (ULD loss, `gold_trainer`), where `lmbda` is the share of batches the student samples.
 
-Prompts come from a prompt set exactly as in generate (files, hub ids, column maps, templates).
-The student samples with HF generate here; `use_vllm` is TRL's (see README for vLLM 0.32).
-Output layout and resume: pipeline/training.py; train_summary.json adds where the steps' time went
-(sampling, teacher scoring, the rest) and the student's sampled tokens per second.
+Prompts come from a prompt set exactly as in generate. Output layout and resume:
+pipeline/training.py; train_summary.json adds where the steps' time went (`StepTimes`).
 """
 
 from __future__ import annotations
@@ -36,13 +25,13 @@ from typing import Any, ClassVar, Literal
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
-from pipeline import training
+from pipeline import reports, training
 from pipeline.config import UserError, require, setting
 from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
 from pipeline.traces import load_traces
-from pipeline.training import TRAINING_FREE_KEYS, LoraKeys, last_loss, lora_config, open_training_run, train_and_save
+from pipeline.training import TRAINING_FREE_KEYS, LoraKeys, lora_config, open_training_run, train_and_save
 
 log = logging.getLogger(__name__)
 FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/training.py)
@@ -95,7 +84,7 @@ def main(cfg: OnPolicyConfig) -> Path:
         log.info(f"{cfg.output_dir}: trained by this config already, nothing to do")
         return Path(cfg.output_dir)
     trainer = build_trainer(cfg)
-    return train_and_save(trainer, cfg, run, card=lambda: model_card(cfg, trainer),
+    return train_and_save(trainer, cfg, run, card=lambda: reports.onpolicy_card(cfg, trainer),
                           summary=lambda: train_summary(trainer))
 
 
@@ -267,28 +256,3 @@ def train_summary(trainer: Any) -> dict[str, Any]:
                                     "training": round(1 - (counts["sampling_s"] + counts["scoring_s"]) / step, 3)}
         summary["sampled_tokens_per_s"] = round(counts["sampled_tokens"] / max(counts["sampling_s"], 1e-9), 1)
     return summary
-
-
-def model_card(cfg: OnPolicyConfig, trainer: Any) -> str:
-    if cfg.teacher_server:
-        top_k = cfg.teacher_server_top_k
-        loss = (f"forward KL over the teacher's top-{top_k} ids plus a tail bucket" if cfg.beta == 0 else
-                f"generalized JSD (beta={cfg.beta}) over a top-1 support (the teacher's argmax and the sampled "
-                "token) plus a tail bucket")
-        teacher = f"served at {cfg.teacher_server} (TRL ServerDistillationTrainer)"
-    elif isinstance(trainer, DistillationTrainer):
-        loss = (f"generalized JSD (beta={cfg.beta}; 1 = reverse KL, 0 = forward KL) between the full next-token "
-                f"distributions at T={cfg.temperature}")
-        teacher = f"`{cfg.teacher}` (local, TRL DistillationTrainer)"
-    else:
-        loss = f"GOLD/ULD across tokenizers, lmbda={cfg.lmbda} (share of on-policy batches)"
-        teacher = f"`{cfg.teacher}` (local, another tokenizer: TRL GOLDTrainer)"
-    return (f"# {Path(cfg.output_dir).name}\n\nA student distilled on-policy with r1-distill: it sampled "
-            "completions and learned from the teacher's per-token distribution on them.\n\n"
-            f"- student init: `{cfg.model}`\n- teacher: {teacher}\n- prompts: `{cfg.prompt_set}` ({cfg.split})\n"
-            f"- loss: {loss}, averaged over the sampled completion tokens\n"
-            f"- sampling: T={cfg.temperature}, top_p={cfg.top_p}, max_completion_length={cfg.max_completion_length}"
-            f" ({'vLLM' if cfg.use_vllm else 'HF generate'})\n"
-            f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
-            f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
-            f"- config: `config.yaml` beside this card; train_summary.json: tokens and timings\n")

@@ -26,23 +26,23 @@ from typing import Any, Literal
 
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import distill, training
+from pipeline import distill, reports, training
 from pipeline.config import UserError, require, setting
 from pipeline.distill import teachers
-from pipeline.distill.objective import term_weights
-from pipeline.distill.rows import TEACHER_COLUMNS, TEACHER_ROWS, teacher_token_dataset
+from pipeline.distill.rows import TEACHER_COLUMNS, TEACHER_ROWS, check_offline_teacher, teacher_token_dataset
 from pipeline.distill.trainer import KDTrainer
 from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE
 from pipeline.rundir import Run, RunKeys, fingerprint
-from pipeline.traces import load_traces, vocab_fingerprint
+from pipeline.traces import load_traces
 from pipeline.training import (
     TRAINING_FREE_KEYS,
     LoraKeys,
-    last_loss,
+    check_eos_trained,
+    check_template_keeps_think,
     lora_config,
     open_training_run,
-    traces_teacher,
+    set_max_length,
     train_and_save,
 )
 
@@ -142,7 +142,7 @@ def inputs(cfg: SFTStageConfig) -> dict[str, Any]:
 
 def train(cfg: SFTStageConfig, run: Run) -> Path:
     trainer = build_trainer(cfg)
-    return train_and_save(trainer, cfg, run, card=lambda: model_card(cfg, trainer),
+    return train_and_save(trainer, cfg, run, card=lambda: reports.sft_card(cfg, trainer),
                           summary=lambda: train_summary(trainer))
 
 
@@ -205,69 +205,6 @@ def subset(dataset: Any, cfg: SFTStageConfig) -> Any:
     return dataset.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
 
 
-def check_offline_teacher(dataset: Any, tokenizer: Any, cfg: SFTStageConfig) -> None:
-    """Stored top-k rows are usable only as raw log-probs (T = 1, no top-p) over the student's
-    own vocabulary: ids from another tokenizer name other tokens, and training would go on."""
-    teacher = ", ".join(dataset.unique("teacher")) if "teacher" in dataset.column_names else "the teacher"
-    modes = set(dataset.unique("logprobs_mode")) - {"raw_logprobs"}
-    if modes:
-        raise UserError(f"dataset {cfg.dataset}: offline KD needs raw_logprobs, but the traces store "
-                        f"{', '.join(modes)} "
-                        "(already softened by the sampling temperature and cut by top-p, so the KD temperature "
-                        "would apply twice and the tail is lost): generate them again with logprobs_mode: "
-                        "raw_logprobs")
-    student = vocab_fingerprint(tokenizer)
-    stored = set(dataset.unique("teacher_vocab")) - {student}
-    if stored:
-        raise UserError(f"dataset {cfg.dataset}: the teacher ({teacher}) sampled with another tokenizer than the "
-                        f"student {cfg.model} (vocabulary {', '.join(stored)} vs {student}), so its stored token ids "
-                        "mean other tokens. Train on the text instead (kd: none, sequence-level SFT), or distil "
-                        "across tokenizers with the live teacher: `make onpolicy` with lmbda: 0 and traces: these "
-                        "traces (TRL's GOLD trainer, ULD loss)")
-
-
-def check_template_keeps_think(tokenizer: Any, sample: dict[str, Any], cfg: SFTStageConfig) -> None:
-    """Some templates (DeepSeek-R1-Distill's, Qwen3's) strip the reasoning from assistant turns;
-    training on that would teach the student to answer without thinking."""
-    content = sample["completion"][0]["content"]
-    reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
-    rendered = tokenizer.apply_chat_template(sample["prompt"] + sample["completion"], tokenize=False)
-    if "</think>" in content and reasoning and reasoning[:50] not in rendered:
-        raise UserError(f"the chat template of {cfg.model} drops the <think> block from assistant messages; "
-                        "set chat_template: chatml to train on the reasoning")
-
-
-def set_max_length(cfg: SFTStageConfig, tokenizer: Any, dataset: Any) -> None:
-    if "input_ids" in dataset.column_names:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-    else:
-        lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False))
-                   for r in dataset.select_columns(["prompt", "completion"])]
-    if cfg.padding_free and not cfg.packing:  # TRL truncates nothing there, and refuses a max_length
-        return
-    if cfg.max_length is None:
-        cfg.max_length = max(lengths)
-        log.info(f"max_length set from the data: {cfg.max_length} tokens (longest sample)")
-    truncated = sum(n > cfg.max_length for n in lengths)
-    if truncated:
-        log.warning(f"warning: {truncated} of {len(lengths)} samples are longer than max_length={cfg.max_length} "
-              "and will be truncated (their EOS is lost); raise max_length or filter them out")
-
-
-def check_eos_trained(trainer: Any, tokenizer: Any) -> None:
-    """Samples must end in the student's EOS and that EOS must carry loss (pad == eos
-    collators can mask it out, and a student that never saw EOS never stops)."""
-    sample = trainer.train_dataset[0]
-    trained = [t for t in sample.get("labels", sample["input_ids"]) if t != -100]
-    if tokenizer.eos_token_id not in trained[-2:]:  # ChatML puts a newline after the EOS
-        raise UserError(f"the student's EOS {tokenizer.eos_token!r} is not among the trained completion tokens; "
-                        "use a chat template that ends assistant turns with the EOS token")
-    labels = trainer.data_collator([sample])["labels"][0].tolist()
-    if tokenizer.eos_token_id not in labels:
-        raise UserError(f"the collator masks the EOS {tokenizer.eos_token!r} out of the loss "
-                        "(pad_token == eos_token?): set a distinct pad token")
-
-
 # ---------------------------------------------------------------------------- what was trained
 
 def train_summary(trainer: Any) -> dict[str, Any]:
@@ -287,32 +224,3 @@ def train_summary(trainer: Any) -> dict[str, Any]:
     return training.train_summary(trainer, samples=len(data), completion_tokens=int(tokens),
                                   tokens_seen=round(tokens * seen / max(len(data), 1)),
                                   prompts=len(set(data["prompt_id"])) if "prompt_id" in data.column_names else None)
-
-
-def model_card(cfg: SFTStageConfig, trainer: Any) -> str:
-    kd = "none (sequence-level distillation: SFT on teacher traces)"
-    members = ([cfg.teacher] if isinstance(cfg.teacher, str) else cfg.teacher or []) if cfg.kd == "online" else []
-    if cfg.kd != "none":
-        divergence = cfg.kd_divergence + (f" (beta={cfg.kd_beta})" if cfg.kd_divergence == "jsd" else "")
-        support = ("the full shared vocabulary" if members or cfg.kd == "mutual" else
-                   f"the teacher's top-{cfg.teacher_server_top_k if cfg.teacher_server else 'k'} ids and one bucket "
-                   "for the rest of the vocabulary (coarsened at T = 1, then softened: a lower bound on the "
-                   "full-vocabulary divergence)")
-        source = (f"the mutual peer trained beside it (init {cfg.mutual_peer}, saved in peer/)" if cfg.kd == "mutual"
-                  else f"the ensemble of {', '.join(members)} (mean of their probabilities)" if len(members) > 1
-                  else f"the local teacher {members[0]}" if members
-                  else f"the teacher server {cfg.teacher_server}" if cfg.teacher_server
-                  else "the teacher's top-k log-probs stored with the traces")
-        kd = (f"{cfg.kd}: {divergence} at T={cfg.kd_temperature} over {support}, from {source}; "
-              f"weight alpha={cfg.kd_alpha} beside CE")
-    more = [f"weight {w} on {term}" for term, w in term_weights(cfg).items() if term not in ("ce_loss", "kd_loss")
-            and not term.startswith("peer")]
-    teacher = ", ".join(members) or cfg.mutual_peer or cfg.teacher_server or traces_teacher(cfg.dataset)
-    return (f"# {Path(cfg.output_dir).name}\n\nA student distilled with r1-distill.\n\n"
-            f"- student init: `{cfg.model}`\n- teacher: `{teacher}`\n- traces: `{cfg.dataset}`\n- logit KD: {kd}\n"
-            + (f"- feature / relational KD (pipeline/distill/): {'; '.join(more)}\n" if more else "")
-            + (f"- born-again: {cfg.generations} generations, each after the first taught by the one before "
-               "(generation-k/ beside the last)\n" if cfg.generations > 1 else "")
-            + f"- LoRA: {'r=' + str(cfg.lora_r) if cfg.lora_r else 'off'}\n"
-            f"- steps: {trainer.state.global_step}, final logged loss: {last_loss(trainer)}\n"
-            f"- config: `config.yaml` beside this card\n")
