@@ -4,14 +4,18 @@ One engine serves all, on the same prompts, sampling parameters and engine setti
 vLLM with the stage's requests (one per sample, each with its seed), plain vLLM unseeded (one
 request of n samples per prompt), and the stage. They
 take turns for several repetitions and the median ratios are quoted. The stage's time is its
-whole `generate()` call: rendering, shards, the saved dataset and the exports included.
+whole `generate()` call: rendering, shards, the saved dataset and the exports included. The stage
+with `logprobs: 20` (the teacher's top-k captured for offline KD) takes its turn too: the capture
+ratio is its tokens/s over the stage's without.
 
-    python bench/bench_generate.py [--model PATH] [--prompts 32] [--max-tokens 256] [--reps 7] [--quick]
+    python bench/bench_generate.py [--model PATH] [--vocab-size N] [--prompts 32] [--max-tokens 256] [--reps 7]
+                                   [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -67,6 +71,8 @@ def stage(llm, cfg: GenerateConfig, out_dir: Path) -> tuple[int, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", help="teacher path or hub id (default: a tiny random Qwen2 built here)")
+    parser.add_argument("--vocab-size", type=int, help="the tiny teacher's logits (e.g. Qwen2.5's 151936: the "
+                                                      "top-k over them costs more); default: its tokenizer's")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7)
@@ -77,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    model = args.model or str(build_model(work / "teacher"))
+    model = args.model or str(build_model(work / "teacher", vocab_size=args.vocab_size))
     cfg = GenerateConfig(model=model, prompt_set="prompts/arithmetic", split="train", max_prompts=args.prompts,
                          temperatures=[0.6, 1.0], num_samples=4, max_tokens=args.max_tokens, shard_size=64,
                          dtype="float32", max_model_len=1024, enforce_eager=True, output_dir="runs/demo/traces",
@@ -85,51 +91,56 @@ def main() -> None:
     llm = build_engine(cfg)
     plain_vllm(llm, cfg, seeded=True)  # warm-up of each, so none pays first-call costs
     plain_vllm(llm, cfg, seeded=False)
+    capture = dataclasses.replace(cfg, logprobs=20)
     stage(llm, cfg, work / "warm-up")
+    stage(llm, capture, work / "warm-up-capture")
 
     rows = []
     for rep in range(args.reps):
         # Rotate which goes first, so drift on a shared machine does not favour one.
         runs = {"seeded": lambda: plain_vllm(llm, cfg, seeded=True),
                 "unseeded": lambda: plain_vllm(llm, cfg, seeded=False),
-                "stage": lambda: stage(llm, cfg, work / f"run-{rep}")}
-        order = list(runs)[rep % 3:] + list(runs)[:rep % 3]
+                "stage": lambda: stage(llm, cfg, work / f"run-{rep}"),
+                "capture": lambda: stage(llm, capture, work / f"capture-{rep}")}
+        order = list(runs)[rep % 4:] + list(runs)[:rep % 4]
         measured = {name: runs[name]() for name in order}
         row = {f"{name}_tok_s": m[0] / m[1] for name, m in measured.items()}
         row["stage_seconds_outside_sampling"] = measured["stage"][2]
         row["ratio_seeded"] = row["stage_tok_s"] / row["seeded_tok_s"]
         row["ratio_unseeded"] = row["stage_tok_s"] / row["unseeded_tok_s"]
+        row["ratio_capture"] = row["capture_tok_s"] / row["stage_tok_s"]
         rows.append(row)
         print(f"rep {rep}: plain seeded {row['seeded_tok_s']:.0f} tok/s, unseeded {row['unseeded_tok_s']:.0f}, "
               f"stage {row['stage_tok_s']:.0f} ({row['stage_seconds_outside_sampling']:.2f} s outside sampling); "
-              f"stage / seeded {row['ratio_seeded']:.3f}, stage / unseeded {row['ratio_unseeded']:.3f}")
+              f"stage / seeded {row['ratio_seeded']:.3f}, stage / unseeded {row['ratio_unseeded']:.3f}; "
+              f"with logprobs 20 {row['capture_tok_s']:.0f} tok/s, capture ratio {row['ratio_capture']:.3f}")
 
-    # Teacher top-k logprobs (for offline KD): storage per completion token, and the cost in speed.
+    # Teacher top-k logprobs (for offline KD): storage per completion token.
     import pyarrow.parquet as pq
 
-    cfg.logprobs = 20
-    lp_tokens, lp_s, _ = stage(llm, cfg, work / "logprobs")
-    columns = pq.read_table(work / "logprobs" / "samples.parquet", columns=[
+    table = pq.read_table(work / "capture-0" / "samples.parquet", columns=[
         "topk_ids", "topk_logprobs", "topk_rest_logprob", "token_logprobs", "completion_token_ids"])
-    logprobs = {"k": 20, "bytes_per_token_in_memory": columns.nbytes / lp_tokens,
-                "tok_s_with_logprobs": lp_tokens / lp_s}
-    print(f"top-20 logprobs: {logprobs['bytes_per_token_in_memory']:.1f} bytes per token (arrow, in memory); "
-          f"{logprobs['tok_s_with_logprobs']:.0f} tok/s with capture")
+    tokens = pq.read_table(work / "capture-0" / "samples.parquet", columns=["completion_tokens"])
+    logprobs = {"k": 20, "bytes_per_token_in_memory": table.nbytes / sum(tokens["completion_tokens"].to_pylist())}
+    print(f"top-20 logprobs: {logprobs['bytes_per_token_in_memory']:.1f} bytes per token (arrow, in memory)")
 
     result = {
         "benchmark": "generate stage tokens/s / plain vllm.LLM.generate tokens/s",
         "machine": machine(),
         "setup": {"prompts": args.prompts, "temperatures": cfg.temperatures, "num_samples": cfg.num_samples,
-                  "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "model": model},
+                  "max_tokens": cfg.max_tokens, "shard_size": cfg.shard_size, "model": model,
+                  "vocab_size": args.vocab_size},
         "reps": rows,
         **{f"median_{key}": statistics.median(r[key] for r in rows)
-           for key in ("ratio_seeded", "ratio_unseeded", "seeded_tok_s", "unseeded_tok_s", "stage_tok_s")},
+           for key in ("ratio_seeded", "ratio_unseeded", "ratio_capture", "seeded_tok_s", "unseeded_tok_s",
+                       "stage_tok_s", "capture_tok_s")},
         "logprobs": logprobs,
     }
     save(result, args.out)
     print(f"\nmedian stage / plain seeded: {result['median_ratio_seeded']:.3f}, stage / plain unseeded: "
           f"{result['median_ratio_unseeded']:.3f} [seeded {result['median_seeded_tok_s']:.0f}, unseeded "
-          f"{result['median_unseeded_tok_s']:.0f}, stage {result['median_stage_tok_s']:.0f} tok/s]")
+          f"{result['median_unseeded_tok_s']:.0f}, stage {result['median_stage_tok_s']:.0f} tok/s]; capture ratio "
+          f"(logprobs 20 / none): {result['median_ratio_capture']:.3f}")
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn

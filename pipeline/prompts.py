@@ -98,7 +98,7 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
         if src.split not in splits:
             raise UserError(f"{path / SET_FILE}: no split {src.split!r}; it has {', '.join(splits) or 'none'}")
         path = path / splits[src.split]
-    source, rows = _read_rows(path, src.split)
+    source, rows = _read_rows(path, src.split, src.max_prompts)  # only the rows this run uses
     if not rows:
         raise UserError(f"{source}: the prompt set is empty; it needs at least one row")
     names = _resolve_columns(source, rows[0].keys(), columns, require_answers)
@@ -124,7 +124,7 @@ def load_prompts(src: PromptSource, require_answers: bool = False) -> PromptSet:
             problem=text,
             row=row,
         ))
-    return PromptSet(source=source, prompts=prompts[: src.max_prompts], scorer=scorer)
+    return PromptSet(source=source, prompts=prompts, scorer=scorer)
 
 
 def chat_prompt(prompt: Prompt) -> list[dict[str, str]]:
@@ -138,19 +138,20 @@ def render(tokenizer: Any, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(chat_prompt(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
-    """Rows of a file, a saved dataset or a hub dataset, with a printable name of the source."""
+def _read_rows(path: Path, split: str, limit: int | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """The first `limit` rows (all: None) of a file, a saved dataset or a hub dataset, with a printable
+    name of the source. A jsonl file is read only up to its `limit`-th row."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.is_file():
         raise UserError(f"prompt file {path} does not exist")
     if suffix in (".jsonl", ".json"):
-        return str(path), _read_jsonl(path)
+        return str(path), _read_jsonl(path, limit)
     if suffix == ".csv":
         import pyarrow.csv
-        return str(path), pyarrow.csv.read_csv(path).to_pylist()
+        return str(path), pyarrow.csv.read_csv(path).slice(0, limit).to_pylist()
     if suffix == ".parquet":
         import pyarrow.parquet
-        return str(path), pyarrow.parquet.read_table(path).to_pylist()
+        return str(path), pyarrow.parquet.read_table(path).slice(0, limit).to_pylist()
 
     import datasets
     if path.is_dir():
@@ -163,7 +164,7 @@ def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
             if split not in data:
                 raise UserError(f"{path}: no split {split!r}; it has {', '.join(data)}")
             data = data[split]
-        return str(path), data.to_list()
+        return str(path), _head(data, limit).to_list()
     if path.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
         raise UserError(f"prompt set {path} does not exist (expected a folder with {SET_FILE}, a "
                              ".jsonl/.csv/.parquet file, a saved dataset dir or a hub id like owner/name)")
@@ -171,24 +172,30 @@ def _read_rows(path: Path, split: str) -> tuple[str, list[dict[str, Any]]]:
         data = datasets.load_dataset(str(path), split=split)
     except Exception as err:  # offline, unknown id, no such split: all reported the same way
         raise UserError(f"could not load hub dataset {path!s} split {split!r}: {err}") from None
-    return f"{path} ({split})", data.to_list()
+    return f"{path} ({split})", _head(data, limit).to_list()
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}, line {lineno}: expected a JSON object per line")
-        rows.append(row)
+def _head(data: Any, limit: int | None) -> Any:
+    return data if limit is None else data.select(range(min(limit, len(data))))
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    if path.suffix == ".json" and path.read_text().lstrip().startswith("["):
+        return json.loads(path.read_text())[:limit]
+    rows: list[dict[str, Any]] = []
+    with path.open() as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if len(rows) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {lineno}: expected a JSON object per line")
+            rows.append(row)
     return rows
 
 

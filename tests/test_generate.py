@@ -218,6 +218,33 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     assert table.nbytes / sum(ds["completion_tokens"]) <= 150
 
 
+def test_capture_changes_no_text_or_token(tmp_path: Path, tiny_qwen: Path, llm) -> None:
+    """With logprobs the stage asks vLLM not to detokenize (it would decode all k tokens of each
+    position) and decodes the text itself: the rows equal a run without capture, byte for byte, and
+    vLLM's own text of the same requests with logprobs. A random byte-level teacher at T = 1 cuts
+    multi-byte characters and stops on EOS or max_tokens, so every path of the detokenizer is met."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    common = dict(max_prompts=4, temperatures=[1.0], num_samples=4, max_tokens=24, curate=False)
+    plain = generate(config(tmp_path / "plain", tiny_qwen, **common), llm)
+    captured = generate(config(tmp_path / "captured", tiny_qwen, logprobs=20, **common), llm)
+    columns = ["prompt_id", "sample_index", "completion", "reasoning", "answer", "finish_reason", "completion_tokens"]
+    assert captured.select_columns(columns).to_list() == plain.select_columns(columns).to_list()
+    texts = [r["completion"][0]["content"] for r in captured]
+    assert {r["finish_reason"] for r in captured} == {"stop", "length"}, "samples should end both ways"
+    assert any(not t.isascii() for t in texts), "samples should hold multi-byte characters"
+
+    tokenizer = llm.get_tokenizer()
+    for row in captured.select(range(6)):
+        ids = tokenizer(tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False).input_ids
+        vllm_out = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(
+            temperature=1.0, top_p=0.95, max_tokens=24, seed=row["seed"], logprobs=20), use_tqdm=False)[0].outputs[0]
+        assert row["completion"][0]["content"] == vllm_out.text
+        assert row["completion_token_ids"] == list(vllm_out.token_ids)
+
+
 def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm, monkeypatch) -> None:
     """R1-Distill, QwQ and Qwen3-thinking templates end the generation prompt with '<think>\\n'.
     Such a template is emulated by rendering ChatML and appending what they append (vLLM's

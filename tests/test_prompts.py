@@ -121,3 +121,14 @@ def test_hub_id_is_tried_and_its_failure_reported(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"could not load hub dataset some-org/some-set split 'train'"):
         load_prompts(PromptSource(prompt_set="some-org/some-set"))
+
+
+def test_max_prompts_reads_only_the_rows_it_uses(tmp_path: Path) -> None:
+    """A run of 2 prompts reads 2 rows: a broken row further down the file is never reached (all
+    rows read, it fails naming its line)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(3)])
+    path.write_text(path.read_text() + "{not json\n")
+    ps = load_prompts(PromptSource(prompt_set=str(path), max_prompts=2))
+    assert [p.problem for p in ps.prompts] == ["q0", "q1"]
+    with pytest.raises(UserError, match="line 4: not valid JSON"):
+        load_prompts(PromptSource(prompt_set=str(path)))

@@ -51,11 +51,13 @@ def build_tokenizer(merges_from: list[str] | None = None, vocab_size: int = 400)
 
 def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                 intermediate_size: int | None = None, max_position_embeddings: int = 4096,
-                seed: int = 0, num_heads: int | None = None, tokenizer=None, pad_vocab: bool = True) -> Path:
+                seed: int = 0, num_heads: int | None = None, tokenizer=None, pad_vocab: bool = True,
+                vocab_size: int | None = None) -> Path:
     """Save a random `arch` model and the tiny tokenizer to `out_dir`; return the path.
     Heads are hidden_size / 64 unless num_heads is given (llama only: vLLM's Qwen2 derives
     the head size from hidden_size / heads, Llama reads it from the config). `tokenizer`: another
-    than build_tokenizer()'s; pad_vocab: False gives one logit per token (no padding rows)."""
+    than build_tokenizer()'s; pad_vocab: False gives one logit per token (no padding rows);
+    vocab_size: this many logits instead (a real model's, e.g. Qwen2.5's 151,936)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -67,7 +69,8 @@ def build_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128
                          f"{heads} heads; arch llama takes any number of heads")
     tokenizer = tokenizer or build_tokenizer()
     common = dict(
-        vocab_size=-(-len(tokenizer) // 64) * 64 if pad_vocab else len(tokenizer),  # padded like real checkpoints
+        # padded like real checkpoints
+        vocab_size=vocab_size or (-(-len(tokenizer) // 64) * 64 if pad_vocab else len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers,

@@ -227,17 +227,22 @@ def sample_shards(cfg: TracesConfig, share: list[tuple[Prompt, list]], llm: Any 
         pending, in_flight, tokens, records = requests(), {}, 0, []
         while True:
             for prompt, t, i, ids, opened in itertools.islice(pending, window - len(in_flight)):
+                # With logprobs, vLLM would decode all k tokens of every position: the text is decoded
+                # here instead, once the sample is done (vllm_text).
                 params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                                         seed=sample_seed(cfg.seed, prompt.id, t, i), logprobs=cfg.logprobs or None,
-                                        flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
+                                        flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY,
+                                        detokenize=not cfg.logprobs)
                 request_id = f"{prompt.id}|{t!r}|{i}"
-                in_flight[request_id] = (prompt, t, i, opened)
+                in_flight[request_id] = (prompt, t, i, opened, params)
                 engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
             if not in_flight:
                 break
             for output in engine.step():
                 if output.finished:
-                    records.append(to_record(cfg, in_flight.pop(output.request_id), output, vocab))
+                    prompt, t, i, opened, params = in_flight.pop(output.request_id)
+                    text = output.outputs[0].text if params.detokenize else vllm_text(tokenizer, output, params)
+                    records.append(to_record(cfg, (prompt, t, i, opened), output, text, vocab))
                     tokens += records[-1]["completion_tokens"]
             if len(records) >= cfg.shard_size or (records and not in_flight):
                 yield records_to_table(records)
@@ -273,11 +278,28 @@ def split_think(text: str, start: str, end: str) -> tuple[str, str, bool]:
     return "", text.strip(), False
 
 
-def to_record(cfg: TracesConfig, unit: tuple[Prompt, float, int, str], output: Any, vocab: str = "") -> dict[str, Any]:
+def vllm_text(tokenizer: Any, output: Any, params: Any) -> str:
+    """A finished sample's text exactly as vLLM's output processor writes it: its own incremental
+    detokenizer (vllm/v1/engine/detokenizer.py, the pinned version's), fed the whole sample at once,
+    which is the same token by token walk. A stop token is left out of the text, as there."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+    sample = output.outputs[0]
+    request = SimpleNamespace(request_id=output.request_id, prompt_token_ids=output.prompt_token_ids,
+                              sampling_params=params)  # the fields the detokenizer reads
+    detokenizer = IncrementalDetokenizer.from_new_request(tokenizer, request)
+    detokenizer.update(list(sample.token_ids), stop_terminated=sample.finish_reason == "stop")
+    return detokenizer.get_next_output_text(finished=True, delta=False)
+
+
+def to_record(cfg: TracesConfig, unit: tuple[Prompt, float, int, str], output: Any, text: str,
+              vocab: str = "") -> dict[str, Any]:
     prompt, temperature, index, opened = unit
     sample = output.outputs[0]
     # The completion starts with exactly what the template opened ('<think>\n'), then the sample.
-    content = opened + sample.text
+    content = opened + text
     reasoning, answer, closed = split_think(content, cfg.think_start, cfg.think_end)
     record = {
         "prompt_id": prompt.id,
