@@ -88,9 +88,25 @@ def light_rows(dataset: Any) -> list[dict[str, Any]]:
     for batch in dataset.select_columns(columns + ["completion"]).iter(batch_size=SCORE_BATCH):
         for values in zip(*(batch[c] for c in columns), batch["completion"]):
             row = dict(zip(columns, values))
-            row["completion_digest"] = hashlib.sha1(values[-1][0]["content"].encode()).digest()
+            content = values[-1][0]["content"]
+            row["completion_digest"] = hashlib.sha1(content.encode()).digest()
+            row["unclean"] = unclean_reason(content)
             rows.append(row)
     return rows
+
+
+# Why a completion is not clean text; any such sample is dropped before the filters, whatever they
+# say: one bad sample must not stop a later stage (TRL's cross-tokenizer byte alignment raises on it).
+UNCLEAN_REASONS = {
+    "replacement_char": "contains U+FFFD (the teacher sampled bytes that are not valid UTF-8)",
+}
+
+
+def unclean_reason(text: str) -> str | None:
+    """The UNCLEAN_REASONS key that applies to `text`, or None when it is clean."""
+    if "\ufffd" in text:
+        return "replacement_char"
+    return None
 
 
 def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, ...]]) -> tuple[Any, dict[str, Any]]:
@@ -130,7 +146,11 @@ def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, .
         ("dedupe_completions", cfg.dedupe_completions, dedupe),
         ("max_samples_per_prompt", cfg.max_samples_per_prompt is not None, first_k),
     ]
-    kept = list(range(len(rows)))
+    unclean: dict[str, int] = {}
+    for r in rows:
+        if r["unclean"]:
+            unclean[r["unclean"]] = unclean.get(r["unclean"], 0) + 1
+    kept = [i for i, r in enumerate(rows) if not r["unclean"]]
     report_steps = []
     for name, enabled, step in steps:
         if not enabled:
@@ -149,6 +169,9 @@ def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, .
         "samples_out": len(kept),
         "verdicts": verdicts,
         "accuracy_per_temperature": {t: _accuracy(rows, t) for t in _temperatures(rows)},
+        "unclean_text": {"dropped": len(rows) - sum(not r["unclean"] for r in rows),
+                         "reasons": {k: {"count": n, "why": UNCLEAN_REASONS[k]} for k, n in sorted(unclean.items())},
+                         "prompt_ids": sorted({r["prompt_id"] for r in rows if r["unclean"]})},
         "filters": report_steps,
         "contaminated_prompt_ids": contaminated,
     }
@@ -176,6 +199,10 @@ def log_report(report: dict[str, Any]) -> None:
     for step in report["filters"]:
         cells = "".join(f"{step['per_temperature'][t]['in']:>7}->{step['per_temperature'][t]['out']:<6}" for t in temps)
         log.info(f"{step['filter']:<24}{step['in']:>8}{step['out']:>8}{cells}")
+    unclean = report.get("unclean_text", {})
+    if unclean.get("dropped"):
+        reasons = ", ".join(f"{n['count']} {n['why']}" for n in unclean["reasons"].values())
+        log.warning(f"dropped {unclean['dropped']} completion(s) that are not clean text before the filters: {reasons}")
     if report["contaminated_prompt_ids"]:
         log.info(f"contaminated prompts dropped: {', '.join(report['contaminated_prompt_ids'][:10])}"
                  + (" ..." if len(report["contaminated_prompt_ids"]) > 10 else ""))

@@ -103,6 +103,10 @@ def assemble(shards: Path, units: list[tuple], cache_dir: Path) -> Any:
     return dataset.select([row_of[u] for u in units])
 
 
+# Columns with a value per completion token (the teacher's top-k for offline KD): left out of JSON exports.
+PER_TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "topk_rest_logprob", "token_logprobs", "completion_token_ids")
+
+
 def save_dataset(dataset: Any, path: Path, export: Iterable[str] = ()) -> None:
     """Save `dataset` to the dir `path`, plus exports beside it (path.jsonl, path.parquet,
     path.messages.jsonl). save_to_disk is not atomic: write beside and swap in, so a reader
@@ -129,7 +133,8 @@ def write_export(dataset: Any, target: Path, kind: str) -> None:
         with pq.ParquetWriter(tmp, dataset.features.arrow_schema) as writer:
             for batch in dataset.with_format("arrow").iter(batch_size=BATCH):
                 writer.write_table(batch)
-    else:
+    else:  # JSON is for reading: the per-token teacher arrays (k numbers a token) stay in parquet and samples/
+        dataset = dataset.remove_columns([c for c in PER_TOKEN_COLUMNS if c in dataset.column_names])
         with tmp.open("w") as f:
             for batch in dataset.iter(batch_size=JSON_BATCH):
                 for values in zip(*batch.values()):

@@ -113,8 +113,15 @@ def save_student(trainer: Any, cfg: Any, card: str, summary: dict[str, Any]) -> 
     tokenizer.save_pretrained(str(out))
     model = trainer.accelerator.unwrap_model(trainer.model)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        # Keep every EOS id of the base model (Qwen2.5-Instruct stops on [151645, 151643]) and its
+        # sampling defaults; add the tokenizer's EOS (the one training taught) where it is missing.
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos or None
+        if tokenizer.pad_token_id is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.save_pretrained(str(out))
     if trainer.is_world_process_zero():
         (out / "README.md").write_text(card)

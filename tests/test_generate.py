@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -216,6 +217,10 @@ def test_teacher_topk_logprobs_are_captured_compactly(tmp_path: Path, tiny_qwen:
     table = pq.read_table(Path(cfg.output_dir) / "samples.parquet", columns=[
         "topk_ids", "topk_logprobs", "topk_rest_logprob", "token_logprobs", "completion_token_ids"])
     assert table.nbytes / sum(ds["completion_tokens"]) <= 150
+    # The JSON exports are for reading: they leave the per-token arrays to parquet and samples/.
+    for export in ("samples.jsonl", "samples.messages.jsonl"):
+        first = json.loads((Path(cfg.output_dir) / export).read_text().splitlines()[0])
+        assert "topk_ids" not in first and "token_logprobs" not in first and first["prompt_id"] == row["prompt_id"]
 
 
 def test_capture_changes_no_text_or_token(tmp_path: Path, tiny_qwen: Path, llm) -> None:
@@ -243,6 +248,12 @@ def test_capture_changes_no_text_or_token(tmp_path: Path, tiny_qwen: Path, llm) 
             temperature=1.0, top_p=0.95, max_tokens=24, seed=row["seed"], logprobs=20), use_tqdm=False)[0].outputs[0]
         assert row["completion"][0]["content"] == vllm_out.text
         assert row["completion_token_ids"] == list(vllm_out.token_ids)
+        # The rows the stage keeps as arrays (TopkCapture) are vLLM's own logprobs of each position.
+        for position, (token, top) in enumerate(zip(vllm_out.token_ids, vllm_out.logprobs)):
+            by_rank = sorted((lp.rank, token_id, lp.logprob) for token_id, lp in top.items() if lp.rank <= 20)
+            assert row["topk_ids"][position] == [token_id for _, token_id, _ in by_rank]
+            assert np.allclose(row["topk_logprobs"][position], [v for *_, v in by_rank], rtol=1e-3, atol=1e-3)
+            assert row["token_logprobs"][position] == pytest.approx(top[token].logprob, abs=1e-6)
 
 
 def test_opened_think_block_is_kept_exactly(tmp_path: Path, tiny_qwen: Path, llm, monkeypatch) -> None:

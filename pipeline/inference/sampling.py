@@ -228,14 +228,15 @@ def sample_shards(cfg: TracesConfig, share: list[tuple[Prompt, list]], llm: Any 
         while True:
             for prompt, t, i, ids, opened in itertools.islice(pending, window - len(in_flight)):
                 # With logprobs, vLLM would decode all k tokens of every position: the text is decoded
-                # here instead, once the sample is done (vllm_text).
+                # here instead, once the sample is done (vllm_text), and the rows stay arrays (TopkCapture).
                 params = SamplingParams(temperature=t, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                                         seed=sample_seed(cfg.seed, prompt.id, t, i), logprobs=cfg.logprobs or None,
-                                        flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY,
-                                        detokenize=not cfg.logprobs)
+                                        output_kind=RequestOutputKind.FINAL_ONLY, detokenize=not cfg.logprobs)
                 request_id = f"{prompt.id}|{t!r}|{i}"
                 in_flight[request_id] = (prompt, t, i, opened, params)
-                engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                internal = engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                if cfg.logprobs:
+                    engine.output_processor.request_states[internal].logprobs_processor = TopkCapture(cfg.logprobs)
             if not in_flight:
                 break
             for output in engine.step():
@@ -325,31 +326,47 @@ def to_record(cfg: TracesConfig, unit: tuple[Prompt, float, int, str], output: A
     return record
 
 
+class TopkCapture:
+    """Stands in for vLLM's LogprobsProcessor in the front end's state of one request
+    (vllm/v1/engine/logprobs.py, the pinned version's; set in sample_shards): it keeps each step's
+    rows as the arrays the engine core sent, [sampled token, top 1 .. top k] a position, where
+    vLLM's appends every one of the k + 1 entries of every position to Python lists (most of what a
+    capture cost beyond sampling; BENCHMARKS.md). The finished sample's `logprobs` is this object."""
+
+    prompt_logprobs = prompt_token_id_logprobs = None  # no prompt logprobs are asked for
+    cumulative_logprob = None  # not kept: the stage stores each token's own
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.ids: list[Any] = []
+        self.values: list[Any] = []
+
+    @property
+    def logprobs(self) -> "TopkCapture":
+        return self
+
+    def update_from_output(self, output: Any) -> None:
+        if output.new_logprobs is not None:  # views of the whole step's arrays: copy this request's rows
+            ids, values = output.new_logprobs.logprob_token_ids, output.new_logprobs.logprobs
+            self.ids.append(ids[:, :self.k + 1].astype("int32"))
+            self.values.append(values[:, :self.k + 1].copy())
+
+
 def topk_logprobs_columns(sample: Any, k: int, mode: str) -> dict[str, Any]:
     """Per completion token: the teacher's top-k ids (int32) and logprobs (float16), by rank;
     the log of the mass outside them (float32, from vLLM's fp32 values: float16 top-k would make
     it rounding noise); the sampled token's own logprob (it may rank below k) and id (to line rows
-    up in sft). 4 k + 2 k + 12 bytes a token. Reads vLLM's flat logprobs with numpy: a dict per
-    token would cost more than the sampling."""
+    up in sft). 4 k + 2 k + 12 bytes a token. `sample.logprobs` is the request's TopkCapture."""
     import numpy as np
 
-    flat = sample.logprobs
-    counts = np.asarray(flat.end_indices) - np.asarray(flat.start_indices)
-    position = np.repeat(np.arange(len(counts)), counts)
-    ids, values = np.asarray(flat.token_ids), np.asarray(flat.logprobs, dtype=np.float32)
-    ranks = np.asarray([r or 0 for r in flat.ranks])
-    top = (ranks >= 1) & (ranks <= k)
-    topk_ids = np.zeros((len(counts), k), dtype=np.int32)
-    topk_logprobs = np.full((len(counts), k), -np.inf, dtype=np.float32)
-    topk_ids[position[top], ranks[top] - 1] = ids[top]
-    topk_logprobs[position[top], ranks[top] - 1] = values[top]
+    capture = sample.logprobs
+    ids = np.concatenate(capture.ids) if capture.ids else np.zeros((0, k + 1), dtype=np.int32)
+    values = np.concatenate(capture.values).astype(np.float32) if capture.values else np.zeros((0, k + 1), np.float32)
+    topk_logprobs = values[:, 1:]
     with np.errstate(divide="ignore"):  # a top-k that holds all the mass: log 0 = -inf
         rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(topk_logprobs.astype(np.float64), axis=1)), 0, None))
-    is_sampled = ids == np.repeat(np.asarray(sample.token_ids), counts)
-    sampled = np.empty(len(counts), dtype=np.float32)
-    sampled[position[is_sampled]] = values[is_sampled]
-    return {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs.astype(np.float16),
-            "topk_rest_logprob": rest.astype(np.float32), "token_logprobs": sampled,
+    return {"topk_ids": ids[:, 1:], "topk_logprobs": topk_logprobs.astype(np.float16),
+            "topk_rest_logprob": rest.astype(np.float32), "token_logprobs": values[:, 0],
             "completion_token_ids": np.asarray(sample.token_ids, dtype=np.int32), "logprobs_mode": mode}
 
 

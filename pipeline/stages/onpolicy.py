@@ -27,6 +27,7 @@ from trl.experimental.server_distillation import ServerDistillationConfig, Serve
 
 from pipeline import reports, training
 from pipeline.config import UserError, require, setting
+from pipeline.distill.alignment import SkipsUnalignable, alignable_rows, skipped_unalignable
 from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
@@ -217,13 +218,16 @@ def gold_trainer(cfg: OnPolicyConfig, tokenizer: Any, prompts: Any, common: dict
     token holds which probability, so no vocabulary mapping is needed). Per batch, with
     probability `lmbda` the student samples the completions (HF generate); otherwise they are the
     `dataset`' (the teacher's own, scored live by it). The teacher sees the student's chat template."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
     data = load_traces(cfg.dataset) if cfg.lmbda < 1 else prompts.map(
         lambda _: {"completion": [{"role": "assistant", "content": ""}]})  # replaced by the student's samples
     args = trainer_config(GOLDConfig, cfg, use_uld_loss=True, **cfg.gold)  # lmbda, temperature, ... shared
-    trainer = GOLDTrainer(teacher_model=cfg.teacher, args=args, **{**common, "train_dataset": data})
+    data, dropped = alignable_rows(data, tokenizer, AutoTokenizer.from_pretrained(cfg.teacher))
+    trainer_cls = type("CrossTokenizerTrainer", (SkipsUnalignable, GOLDTrainer), {})
+    trainer = trainer_cls(teacher_model=cfg.teacher, args=args, **{**common, "train_dataset": data})
+    trainer._skipped = {"dataset_rows": dropped, "batch_samples": 0}
     # Ids past the tokenizer (a vocabulary padded for speed, as Qwen's) decode to nothing, and
     # GOLD's byte alignment fails on them: the student never samples them.
     padded = AutoConfig.from_pretrained(cfg.model).get_text_config().vocab_size
@@ -248,6 +252,8 @@ def train_summary(trainer: Any) -> dict[str, Any]:
                                      prompts=len(counts.get("prompts", ())) or None,
                                      completion_tokens=counts.get("sampled_tokens"),
                                      tokens_seen=counts.get("sampled_tokens"))
+    if hasattr(trainer, "_skipped"):
+        summary["skipped_unalignable"] = skipped_unalignable(trainer)
     if counts.get("step_s"):
         step = counts["step_s"]
         summary["seconds"] = {k: round(counts[f"{k}_s"], 2) for k in ("sampling", "scoring", "step")}
