@@ -21,7 +21,7 @@ LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCELERATE_CONFIG),--config_file 
 	--num_processes $(NUM_PROCESSES) -m pipeline
 endif
 
-.PHONY: help install demo teacher study methods test test-fast lint docs generate curate shrink sft onpolicy eval bench clean
+.PHONY: help install demo teacher study methods test test-fast lint docs generate curate shrink sft onpolicy eval bench test-gpu gpu-wheels clean
 
 # `make help`: the targets; `python -m pipeline --help` lists the commands, `... STAGE --help` their keys.
 help:
@@ -37,6 +37,8 @@ help:
 	@echo "make lint                        ruff over the source tree"
 	@echo "make docs                        regenerate docs/config.md from the config dataclasses' help"
 	@echo "make bench [ARGS=--quick]        the benchmarks in bench/"
+	@echo "make test-gpu [ARGS=--parts ...] the GPU check (bench/gpu/check.py; skipped without CUDA, needs no install)"
+	@echo "make gpu-wheels                  bench/gpu/wheels: what the GPU machine lacks for make test-gpu (~20 MB)"
 	@echo "make clean                       delete runs/"
 	@echo "NUM_PROCESSES=N or ACCELERATE_CONFIG=file: sft, onpolicy and eval under accelerate launch"
 
@@ -115,6 +117,15 @@ docs: $(STAMP)
 # ARGS go to every script: `make bench ARGS=--quick` runs each at its smallest sizes, once (a check).
 bench: $(STAMP)
 	set -e; for script in bench/bench_*.py; do echo "==> $$script"; $(PY) $$script $(ARGS); done
+
+# The GPU check: KD step at 1.5B/7B and 8k tokens, bf16 vs fp32 loss, sft under FSDP and ZeRO-3 (docs/scaling.md).
+# On purpose not after $(STAMP): installing here would fetch the CUDA vLLM wheel; it runs on the GPU
+# machine's own python3 plus the wheels of `make gpu-wheels` (built where pip reaches PyPI).
+test-gpu:
+	bash bench/gpu/run.sh $(ARGS)
+
+gpu-wheels: $(STAMP)
+	bash bench/gpu/wheels.sh
 
 clean:
 	rm -rf runs
