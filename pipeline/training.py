@@ -1,6 +1,7 @@
 """Student runs on disk, shared by the training stages (sft, onpolicy): LoRA keys, the run
 contract of a training run, resume from the last checkpoint, and the saved student (weights,
-tokenizer, EOS, model card, train summary).
+tokenizer, EOS, model card, train summary). The card (README.md, a hub model card:
+pipeline/reports.py) is ours whatever TRL, transformers or PEFT write there (`own_card`).
 
     output_dir/config.yaml, run.json  the resolved config and the record (pipeline/rundir.py)
     output_dir/checkpoint-*/          resumable checkpoints (an unfinished run resumes from the last one)
@@ -82,6 +83,7 @@ def train_and_save(trainer: Any, cfg: Any, run: Run, card: Callable[[], str],
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(cfg.output_dir)
+    own_card(trainer, out, card)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
         log.info(f"resuming from {last}")
@@ -97,8 +99,25 @@ def train_and_save(trainer: Any, cfg: Any, run: Run, card: Callable[[], str],
     return out
 
 
+def own_card(trainer: Any, out: Path, card: Callable[[], str]) -> None:
+    """Make the trainer's model card ours: TRL writes its own README.md into output_dir at each
+    checkpoint, and transformers' push_to_hub writes one (after save_model, whose PEFT save_pretrained
+    edits the card) just before the upload; both call create_model_card, which now writes `card()`."""
+    def create_model_card(*args: Any, **kwargs: Any) -> None:
+        if trainer.is_world_process_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "README.md.tmp"
+            tmp.write_text(card())
+            os.replace(tmp, out / "README.md")
+
+    trainer.create_model_card = create_model_card
+
+
 def save_student(trainer: Any, cfg: Any, card: str, summary: dict[str, Any]) -> None:
+    """Weights, tokenizer, generation config (EOS), then the card (ours: written last, and the one
+    push_to_hub uploads) and train_summary.json; pushed where cfg.push_to_hub."""
     out = Path(cfg.output_dir)
+    own_card(trainer, out, lambda: card)
     if trainer.is_fsdp_enabled:
         # Under SHARDED_STATE_DICT (fast checkpoints, configs/accelerate/fsdp.yaml) save_model writes
         # no weights; vLLM and transformers load full ones, gathered here (accelerate: FSDP2's full
@@ -123,11 +142,11 @@ def save_student(trainer: Any, cfg: Any, card: str, summary: dict[str, Any]) -> 
         if tokenizer.pad_token_id is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.save_pretrained(str(out))
+    trainer.create_model_card()  # after save_model: PEFT's save_pretrained writes a card of its own
     if trainer.is_world_process_zero():
-        (out / "README.md").write_text(card)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # save_model, then our card (create_model_card), then the upload
 
 
 def train_summary(trainer: Any, samples: int | None, prompts: int | None, completion_tokens: int | None,

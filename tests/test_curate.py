@@ -152,6 +152,10 @@ def test_curate_stage_alone_rescoring_an_existing_traces_dir(tmp_path: Path) -> 
     assert datasets.load_from_disk(str(out / "curated"))["prompt_id"] == ["a"]
     assert datasets.load_from_disk(str(out / "samples"))["verdict"] == ["correct", "wrong"]
     assert len((out / "curated.jsonl").read_text().splitlines()) == 1
+    from huggingface_hub import DatasetCard  # the dataset card is written again with curation's counts
+
+    card = DatasetCard.load(out / "README.md")
+    assert "r1-distill" in card.data.tags and "keep_correct_only" in card.text, card.text
 
 
 def test_regex_scorer_needs_a_pattern() -> None:

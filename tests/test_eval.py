@@ -124,6 +124,15 @@ def test_a_model_retrained_in_place_is_refused_then_sampled_again_on_overwrite(t
     assert "reusing" not in caplog.text and after != before and len(after) == 2
     again = run()
     assert "student: reusing" in caplog.text and again == after
+    # Scores into the card of a model r1-distill wrote (its tag), which changes no fingerprint.
+    from huggingface_hub import ModelCard
+
+    (model / "README.md").write_text("---\ntags:\n- r1-distill\n---\n# a student\n")
+    assert run(write_cards=True) == after and "student: reusing" in caplog.text
+    card = ModelCard.load(model / "README.md")
+    assert "<!-- r1-distill eval" in card.text and "pass@1" in card.text, card.text
+    assert {r.metric_type for r in card.data.eval_results} >= {"pass@1"}
+    assert run() == after and "student: reusing" in caplog.text
 
 
 def eval_values(tmp_path: Path, models: list[str], backend: str, out: str, **extra) -> dict:

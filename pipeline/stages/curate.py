@@ -15,10 +15,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pipeline.config import UserError, require, setting
 from pipeline.curation import CurateConfig, curate_traces
+from pipeline.reports import traces_card, write_atomic
 from pipeline.rundir import RunKeys, fingerprint, open_run
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ def main(cfg: CurateStageConfig) -> Any:
     made_by = yaml.safe_load((out / "config.yaml").read_text())
     scorer = cfg.scorer or set_scorer(made_by.get("prompt_set")) or "math"
     dataset = curate_traces(datasets.load_from_disk(str(out / "samples")), cfg, scorer, out, made_by.get("export", []))
+    # The dataset card names curation's counts: write it again (README.md is in no fingerprint).
+    write_atomic(out / "README.md", traces_card(SimpleNamespace(**{**made_by, "output_dir": str(out)}),
+                                                 dataset.features))
     run.finish()
     return dataset
 

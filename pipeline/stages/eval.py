@@ -19,6 +19,9 @@ either backend (pipeline/inference/hf.py). The metrics are pipeline/scoring.py's
                                       in place is refused until --overwrite)
     output_dir/samples.jsonl          every sample with its score, all models (recompute any metric)
     output_dir/report.json, report.md, accuracy.png
+
+With `write_cards`, each evaluated model whose README.md is a card r1-distill wrote (a student of
+sft or onpolicy) gains this eval's results (pipeline/reports.py write_eval_cards, docs/cards.md).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pipeline.inference.hf import (
 )
 from pipeline.inference.sampling import SamplingKeys, TracesConfig, run_traces
 from pipeline.prompts import PromptSource, load_prompts
-from pipeline.reports import plot, report_markdown
+from pipeline.reports import plot, report_markdown, write_eval_cards
 from pipeline.rundir import RunKeys, fingerprint, open_run, prompt_set_fingerprint
 from pipeline.scoring import ScoringConfig, metrics, score_texts, scored_text
 from pipeline.traces import save_dataset
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 # adding one samples only it, the others' samples are reused (each model's dir has its own record).
 FREE_KEYS = {"overwrite", "models", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "in_process",
              "data_parallel_size", "ray_address", "enable_prefix_caching", "enable_chunked_prefill",
-             "distributed_executor_backend", "score_workers"}
+             "distributed_executor_backend", "score_workers",
+             "write_cards"}  # README.md is in no fingerprint: writing scores there changes no model
 
 
 @dataclass
@@ -71,6 +75,9 @@ class EvalConfig(SamplingKeys, ScoringConfig, EngineConfig, PromptSource, RunKey
                                            "(then k is 1)")
     max_tokens: int = setting(1024, help="completion budget per sample, in tokens")
     think_end: str = setting("</think>", help="the tag that closes the reasoning; the answer is scored after it")
+    write_cards: bool = setting(False, help="write the results into each evaluated model's card (README.md) that "
+                                            "r1-distill wrote: local dirs only, never a git-tracked card "
+                                            "(docs/cards.md)")
 
     def __post_init__(self) -> None:
         ScoringConfig.__post_init__(self)
@@ -141,6 +148,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
     plot(report, out / "accuracy.png")
+    if cfg.write_cards:
+        write_eval_cards(report)
     run.finish(config=cfg, inputs=inputs(cfg))
     log.info(report_markdown(report))
     log.info(f"report: {out / 'report.md'}, plot: {out / 'accuracy.png'}, samples: {out / 'samples.jsonl'}")

@@ -15,6 +15,7 @@ scored, filtered and decontaminated (pipeline/curation.py).
     output_dir/curation.json       what each filter removed, overall and per temperature
     output_dir/skipped.jsonl       prompts too long for the model's context
     output_dir/summary.json        counts, tokens, tokens/s, share truncated
+    output_dir/README.md           the dataset card (hub metadata, sampling, curation, columns: docs/cards.md)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.config import require
 from pipeline.curation import curate_traces
 from pipeline.inference.sampling import TRACES_FREE_KEYS, TracesConfig, run_traces, traces_inputs
 from pipeline.prompts import load_prompts
+from pipeline.reports import traces_card, write_atomic
 
 # Keys that change how fast samples come, not what is sampled: a resume may change them (after an
 # out-of-memory, say). Every other key is a result key (pipeline/rundir.py); curation's too, since
@@ -61,7 +63,10 @@ def generate(cfg: GenerateConfig, llm: Any = None) -> Any:
         curate_traces(dataset, cfg, scorer, Path(cfg.output_dir), cfg.export)
 
     # The run's record (pipeline/rundir.py) is the traces run's: FREE_KEYS and inputs(cfg) below.
-    return run_traces(cfg, prompt_set.prompts, llm, keep=curate if cfg.curate else None)
+    dataset = run_traces(cfg, prompt_set.prompts, llm, keep=curate if cfg.curate else None)
+    # README.md is in no fingerprint (pipeline/rundir.py): the card changes no run that reads the traces
+    write_atomic(Path(cfg.output_dir) / "README.md", traces_card(cfg, dataset.features))
+    return dataset
 
 
 def inputs(cfg: GenerateConfig) -> dict[str, Any]:
