@@ -102,7 +102,7 @@ shrink: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest --durations=20 $(ARGS)
 
-# Under 3 minutes on 2 cores: what a change to the code's logic checks first.
+# What a change to the code's logic checks first (its time: README.md, Develop).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 

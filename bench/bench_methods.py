@@ -138,7 +138,6 @@ MIB = 2**20
 BASE_CONFIG = "configs/studies/sums/sft.yaml"  # the studies' sft config
 TEACHER = "prompts/sums/teacher"
 STUDENT_INIT = {"arch": "llama", "hidden_size": 64, "num_layers": 3, "intermediate_size": 256, "num_heads": 2}
-PEER_SEED = 1000  # pipeline/study/__init__.py PEER_OFFSET: a mutual peer's init seed is the seed's + 1000
 # --quick: the smallest run that still times a step after warm-up (checks the script, measures nothing).
 QUICK = {"steps": 1, "batch": 4, "methods": "feature_kd,mutual"}  # the two that train modules beside the student
 
@@ -432,13 +431,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from pipeline.demo.tiny import build_model, build_tokenizer
+    from pipeline.study.grid import PEER_OFFSET  # a mutual peer's init seed: the seed's + PEER_OFFSET
 
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     if build_tokenizer().get_vocab() != AutoTokenizer.from_pretrained(TEACHER).get_vocab():
         raise SystemExit(f"pipeline.demo.tiny's tokenizer is not {TEACHER}'s: the student could not be distilled "
                          "from it")
     student = build_model(work / "student", **STUDENT_INIT, seed=0)
-    peer = build_model(work / "peer", **STUDENT_INIT, seed=PEER_SEED)
+    peer = build_model(work / "peer", **STUDENT_INIT, seed=0 + PEER_OFFSET)  # as the study's seed 0
     teacher_b = Path(shutil.copytree(TEACHER, work / "teacher-b"))
     student_copy = Path(shutil.copytree(student, work / "student-copy"))
     total = WARMUP + args.steps + 1  # + the profiled step

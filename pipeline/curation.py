@@ -37,6 +37,9 @@ class CurateConfig(ScoringConfig):
                                                            "no maximum")
     keep_correct_only: bool = setting(False, help="rejection sampling: keep only samples the scorer finds correct")
     dedupe_completions: bool = setting(True, help="drop exact duplicate completions of one prompt")
+    drop_unclean_text: bool = setting(True, help="drop completions that are not clean text (U+FFFD: sampled bytes "
+                                                 "that are not valid UTF-8), before the other filters; TRL's "
+                                                 "cross-tokenizer alignment stops on some of them")
     max_samples_per_prompt: int | None = setting(None, help="keep the first k per prompt (correct ones first); "
                                                             "unset: all")
 
@@ -95,8 +98,8 @@ def light_rows(dataset: Any) -> list[dict[str, Any]]:
     return rows
 
 
-# Why a completion is not clean text; any such sample is dropped before the filters, whatever they
-# say: one bad sample must not stop a later stage (TRL's cross-tokenizer byte alignment raises on it).
+# Why a completion is not clean text; such samples are dropped before the filters (drop_unclean_text,
+# on by default): one bad sample must not stop a later stage (TRL's cross-tokenizer alignment raises on it).
 UNCLEAN_REASONS = {
     "replacement_char": "contains U+FFFD (the teacher sampled bytes that are not valid UTF-8)",
 }
@@ -150,7 +153,8 @@ def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, .
     for r in rows:
         if r["unclean"]:
             unclean[r["unclean"]] = unclean.get(r["unclean"], 0) + 1
-    kept = [i for i, r in enumerate(rows) if not r["unclean"]]
+    found = sum(unclean.values())
+    kept = [i for i, r in enumerate(rows) if not (cfg.drop_unclean_text and r["unclean"])]
     report_steps = []
     for name, enabled, step in steps:
         if not enabled:
@@ -169,7 +173,7 @@ def filter_traces(dataset: Any, cfg: CurateConfig, eval_ngrams: set[tuple[str, .
         "samples_out": len(kept),
         "verdicts": verdicts,
         "accuracy_per_temperature": {t: _accuracy(rows, t) for t in _temperatures(rows)},
-        "unclean_text": {"dropped": len(rows) - sum(not r["unclean"] for r in rows),
+        "unclean_text": {"found": found, "dropped": found if cfg.drop_unclean_text else 0,
                          "reasons": {k: {"count": n, "why": UNCLEAN_REASONS[k]} for k, n in sorted(unclean.items())},
                          "prompt_ids": sorted({r["prompt_id"] for r in rows if r["unclean"]})},
         "filters": report_steps,

@@ -123,7 +123,7 @@ def save_student(trainer: Any, cfg: Any, card: str, summary: dict[str, Any]) -> 
         # no weights; vLLM and transformers load full ones, gathered here (accelerate: FSDP2's full
         # state dict, the call tests/sharded_kd.py checks on CPU).
         state_dict = {k: v for k, v in trainer.accelerator.get_state_dict(trainer.model).items()
-                      if not k.startswith("distill_modules.")}  # what trained beside it (pipeline/stages/sft.py)
+                      if not k.startswith("distill_modules.")}  # what trained beside it (pipeline/distill/trainer.py)
         if trainer.args.should_save:
             trainer._save(str(out), state_dict=state_dict)
     else:

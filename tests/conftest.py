@@ -49,6 +49,7 @@ def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
                     "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
                     "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
-                    "--decontaminate_against", "[]", "--keep_correct_only", "false"],
+                    "--decontaminate_against", "[]", "--keep_correct_only", "false",
+                    "--drop_unclean_text", "false"],  # a random teacher's bytes are often not UTF-8
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out

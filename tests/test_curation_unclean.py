@@ -13,7 +13,7 @@ def row(pid: str, content: str) -> dict:
             "verdict": "wrong", "correct": False}
 
 
-def test_a_completion_with_u_fffd_is_dropped_and_reported_even_with_every_filter_off() -> None:
+def test_a_completion_with_u_fffd_is_dropped_and_reported_with_the_other_filters_off() -> None:
     rows = [row("a", "<think>fine</think>4"), row("a", "<think>bytes \ufffd\ufffd</think>4"),
             row("b", "naïve 東京 ok"), row("c", "\ufffd")]
     cfg = CurateConfig(drop_truncated=False, dedupe_completions=False)
@@ -23,8 +23,13 @@ def test_a_completion_with_u_fffd_is_dropped_and_reported_even_with_every_filter
     assert report["unclean_text"]["dropped"] == 2 and report["unclean_text"]["prompt_ids"] == ["a", "c"]
     assert report["unclean_text"]["reasons"]["replacement_char"]["count"] == 2
     assert "U+FFFD" in report["unclean_text"]["reasons"]["replacement_char"]["why"]
+    # Off (a random test teacher samples them everywhere): kept, still counted.
+    kept, report = filter_traces(datasets.Dataset.from_list(rows), CurateConfig(
+        drop_truncated=False, dedupe_completions=False, drop_unclean_text=False), set())
+    assert len(kept) == 4 and report["unclean_text"]["found"] == 2 and report["unclean_text"]["dropped"] == 0
 
 
 def test_clean_text_passes_untouched() -> None:
     kept, report = filter_traces(datasets.Dataset.from_list([row("a", "x"), row("b", "y")]), CurateConfig(), set())
-    assert len(kept) == 2 and report["unclean_text"] == {"dropped": 0, "reasons": {}, "prompt_ids": []}
+    assert len(kept) == 2 and report["unclean_text"] == {"found": 0, "dropped": 0, "reasons": {},
+                                                   "prompt_ids": []}

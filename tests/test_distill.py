@@ -244,7 +244,9 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path: Path, t
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"feature_kd": True}, "feature_kd and relation_kd read a local teacher"),
+    ({"feature_kd": True}, "^SFTStageConfig: feature_kd reads a local teacher"),
+    ({"relation_kd": True, "teacher": "t"}, "^SFTStageConfig: relation_kd reads a local teacher"),
+    ({"feature_kd": True, "relation_kd": True}, "^SFTStageConfig: feature_kd and relation_kd read a local teacher"),
     ({"kd": "online", "teacher": ["a", "b"], "relation_kd": True}, "one model path"),
     ({"kd": "online", "teacher": "t", "relation_kd": True, "per_device_train_batch_size": 2}, ">= 3"),
     ({"kd": "mutual"}, "mutual_peer"),

@@ -93,6 +93,11 @@ def test_stages_alone_in_readme_order(clone: Path) -> None:
     assert (clone / "runs/x/model.safetensors").is_file() and not (clone / "runs/x/curated").exists()
     assert sorted(p.name for p in (demo / "traces").iterdir()) == traces
 
+    # configs/curate.yaml as shipped: the demo traces scored and filtered again, nothing sampled.
+    make(clone, "curate")
+    assert json.loads((demo / "traces/curate.run.json").read_text())["status"] == "complete"
+    assert (demo / "traces/curate.config.yaml").is_file() and (demo / "traces/curated/state.json").is_file()
+
     make(clone, "eval", "ARGS=--max_prompts 4 --num_samples 1")
     assert set(report(demo / "eval/report.json")) == {"teacher", "untrained", "student-sft"}
     assert (demo / "eval/report.md").is_file() and (demo / "eval/accuracy.png").is_file()
@@ -192,3 +197,35 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
             list((out / "configs").glob("*/*.yaml")))
         record = json.loads((out / "run.json").read_text())  # the study's own record, beside each run's
         assert record["stage"] == "study" and record["status"] == "complete"
+
+
+def test_make_install_again_does_nothing(clone: Path) -> None:
+    """On an installed clone `make install` installs nothing (it re-runs only when pyproject.toml changes)."""
+    result = make(clone, "install")
+    assert "Nothing to be done" in result.stdout and "pip" not in result.stdout + result.stderr, result.stdout
+
+
+# Run with `-p` as `make test ARGS=...` would: each collected test's markers, after conftest.py's hooks.
+MARKERS = """
+import json
+
+
+def pytest_collection_finish(session):
+    with open("collected.json", "w") as out:
+        json.dump({item.nodeid: sorted({m.name for m in item.iter_markers()}) for item in session.items}, out)
+"""
+
+
+def test_make_test_fast_is_the_suite_without_its_slow_tests(clone: Path) -> None:
+    """`make test-fast` and `make test`, collecting only: test-fast is the whole suite less every test marked
+    slow (those that start an engine, a server or a process, or train), and still most of it."""
+    (clone / "collected_markers.py").write_text(MARKERS)
+    selected = {}
+    for target in ("test-fast", "test"):
+        make(clone, target, "ARGS=--collect-only -q -p collected_markers -p no:cacheprovider")
+        selected[target] = json.loads((clone / "collected.json").read_text())
+    fast, everything = selected["test-fast"], selected["test"]
+    assert len(fast) > 200, len(fast)
+    assert not [test for test, marks in fast.items() if "slow" in marks]
+    assert set(fast) == {test for test, marks in everything.items() if "slow" not in marks}
+    assert len(everything) > len(fast) and "tests/test_make.py::test_make_bench_quick" in everything

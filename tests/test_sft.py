@@ -50,7 +50,7 @@ def losses(out: Path, key: str = "loss") -> list[float]:
 def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Path, traces: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from pipeline.stages.sft import load_traces
+    from pipeline.traces import load_traces
 
     out = main(sft_config(tmp_path, tiny_qwen, traces, num_train_epochs=4))
     history = losses(out)
@@ -60,6 +60,13 @@ def test_sft_on_generated_traces_learns_and_saves(tmp_path: Path, tiny_qwen: Pat
     assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
     card = (out / "README.md").read_text()
     assert str(tiny_qwen) in card and str(traces) in card
+    # our hub card, not the one TRL writes at each checkpoint (save_steps: 2) or at the end (docs/cards.md)
+    from huggingface_hub import DatasetCard, ModelCard
+
+    meta = ModelCard.load(out / "README.md").data
+    assert meta.base_model == str(tiny_qwen) and meta.library_name == "transformers"
+    assert {"r1-distill", "distillation", "sft"} <= set(meta.tags) and "## Training recipe" in card
+    assert "r1-distill" in DatasetCard.load(traces / "README.md").data.tags  # the generate stage's card
     assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == str(traces)
     summary = json.loads((out / "train_summary.json").read_text())
     data = load_traces(str(traces), "train")
@@ -86,7 +93,8 @@ def test_eos_ends_every_sample_and_carries_loss(tmp_path: Path, tiny_qwen: Path,
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from pipeline.stages.sft import check_eos_trained, load_traces
+    from pipeline.traces import load_traces
+    from pipeline.training import check_eos_trained
 
     cfg = sft_config(tmp_path, tiny_qwen, traces, max_length=512)
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
@@ -175,6 +183,10 @@ def test_lora_trains_an_adapter(tmp_path: Path, tiny_qwen: Path, traces: Path) -
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
     assert len(losses(out)) == 2 and not (out / "model.safetensors").exists()
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(out / "README.md").data  # ours, not the card PEFT's save_pretrained writes
+    assert meta.library_name == "peft" and {"r1-distill", "lora"} <= set(meta.tags)
 
 
 def test_online_kd_logs_ce_and_kd_apart(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path) -> None:

@@ -87,7 +87,16 @@ def enabled(cfg: Any) -> dict[str, Method]:
 
 
 def needs_local_teacher(cfg: Any) -> None:
-    """The check of methods that read a local teacher's hidden states."""
+    """The check of methods that read a local teacher's hidden states (their `check`, or called by it);
+    the error names the switches of those that are on."""
     if not (cfg.kd == "online" and isinstance(cfg.teacher, str)):
-        raise ValueError("feature_kd and relation_kd read a local teacher's hidden states: set kd: online and "
-                         "teacher: one model path (kd_alpha: 0 leaves out the logit term)")
+        on = [m.switch for m in enabled(cfg).values() if _reads_teacher_states(m)]
+        keys = " and ".join(on) or "this method"
+        raise ValueError(f"{keys} read{'s' if len(on) < 2 else ''} a local teacher's hidden states: set kd: online "
+                         "and teacher: one model path (kd_alpha: 0 leaves out the logit term)")
+
+
+def _reads_teacher_states(method: Method) -> bool:
+    """Its check is needs_local_teacher or calls it (relations.py's does, then checks the batch)."""
+    code = getattr(method.check, "__code__", None)
+    return method.check is needs_local_teacher or (code is not None and "needs_local_teacher" in code.co_names)

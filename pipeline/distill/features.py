@@ -16,7 +16,7 @@ teacher's do.
   the weight does not grow with the number of pairs.
 - P_s: one bias-free linear map per pair from the student's width to the teacher's, Xavier
   initialised (DistillKit's `hsd_mapping`), trained with the student, saved in checkpoints for
-  resume (`distill_modules.pt`, pipeline/stages/sft.py) and left out of the final student.
+  resume (`distill_modules.pt`, pipeline/distill/trainer.py) and left out of the final student.
 - Layer map: hidden-state indices as transformers numbers them (0 the embeddings, L the last
   layer's output after the final norm); by default every student layer s = 1..L_S is paired with
   teacher layer round(s * L_T / L_S), so the last meets the last.

@@ -9,6 +9,7 @@ import torch
 from trl import SFTTrainer
 
 from pipeline import distill
+from pipeline.config import UserError
 from pipeline.distill.objective import batch_means, distill_losses, term_weights
 from pipeline.distill.rows import TEACHER_ROWS, TeacherRowsCollator
 
@@ -34,6 +35,9 @@ class KDTrainer(SFTTrainer):
             trained["peer"], teachers = teachers[0], []
         for name, method in distill.enabled(kd).items():  # e.g. feature KD's projections
             if method.module is not None:
+                if not teachers:  # its check (needs_local_teacher) refuses such a config before this
+                    raise UserError(f"{method.switch} trains parameters against a local teacher's hidden states: set "
+                                    "kd: online and teacher: one model path")
                 trained[name] = method.module(kd, self.model.config.get_text_config(),
                                               teachers[0].config.get_text_config())
         if trained:

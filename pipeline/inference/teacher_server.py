@@ -39,7 +39,7 @@ def check_tokenizer(url: str, tokenizer: Any, student: str) -> None:
         response.raise_for_status()
     except requests.RequestException as err:
         raise UserError(f"teacher_server {url} does not answer ({type(err).__name__}); start it with `vllm "
-                        "serve TEACHER --max-logprobs K` (README: a teacher on its own GPUs)") from None
+                        "serve TEACHER --max-logprobs K` (docs/scaling.md#a-teacher-on-its-own-gpus)") from None
     served = response.json()["tokens"]
     own = tokenizer(PROBE, add_special_tokens=False).input_ids
     if served != own:

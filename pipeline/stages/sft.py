@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTStageConfig(SFTConfig, *(m.keys for m in distill.methods().values()), LoraKeys, RunKeys):
+class SFTStageConfig(*(m.keys for m in reversed(distill.methods().values())), SFTConfig, LoraKeys, RunKeys):
     """Every SFTConfig / TrainingArguments field, each distillation method's keys (pipeline/distill/: feature
     and relational KD, ...), the LoRA keys (pipeline/training.py), and the keys below."""
 
