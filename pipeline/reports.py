@@ -257,6 +257,9 @@ def traces_card(cfg: Any, features: Any) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole, or leave it untouched when it already says `text` (a reused run rewrites nothing)."""
+    if path.is_file() and path.read_text() == text:
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -114,7 +114,8 @@ def save_dataset(dataset: Any, path: Path, export: Iterable[str] = ()) -> None:
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
+    # datasets writes no shard for 0 rows and then cannot load what it wrote (curation may keep none)
+    dataset.save_to_disk(str(tmp), **({"num_shards": 1} if len(dataset) == 0 else {}))
     if path.exists():
         path.rename(old)
     tmp.rename(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.traces import assemble, records_to_table, stored_keys, write_shard
@@ -35,3 +36,18 @@ def test_a_unit_stored_twice_names_both_shards(tmp_path: Path) -> None:
     second = write_shard(shards, records_to_table([record("a", "4")]), replica=1)
     with pytest.raises(RuntimeError, match=f"stored twice, in {first} and {second}"):
         stored_keys(shards)
+
+
+def test_a_set_filtered_to_no_rows_is_saved_and_loads(tmp_path: Path) -> None:
+    """Curation may keep nothing (a random teacher): datasets alone writes no shard then and cannot load it."""
+    import datasets
+
+    from pipeline.traces import save_dataset
+
+    empty = datasets.Dataset.from_list([record("a", "4"), record("b", "6")]).select([])
+    save_dataset(empty, tmp_path / "curated", ["jsonl", "parquet"])
+    again = datasets.load_from_disk(str(tmp_path / "curated"))
+    assert len(again) == 0 and again.features == empty.features
+    assert (tmp_path / "curated.jsonl").read_text() == ""
+    # a valid parquet file of 0 rows (datasets.Dataset.from_parquet refuses 0 rows; pyarrow and pandas read it)
+    assert pq.read_table(tmp_path / "curated.parquet").num_rows == 0
