@@ -76,7 +76,8 @@ def test_sweep_rows_columns_ids_and_files(tmp_path: Path, tiny_qwen: Path, llm) 
     clean = [r for r in ds if "\ufffd" not in r["completion"][0]["content"]]
     assert report["unclean_text"]["dropped"] == len(ds) - len(clean)
     assert report["filters"][0]["filter"] == "drop_truncated" and report["filters"][0]["in"] == len(clean)
-    assert report["filters"][0]["in"] - report["filters"][0]["out"] == [r["finish_reason"] for r in clean].count("length")
+    truncated = [r["finish_reason"] for r in clean].count("length")
+    assert report["filters"][0]["in"] - report["filters"][0]["out"] == truncated
     assert len(datasets.load_from_disk(str(out / "curated"))) == report["samples_out"]
     assert len((out / "curated.jsonl").read_text().splitlines()) == report["samples_out"]
     assert pq.read_table(out / "curated.parquet").num_rows == report["samples_out"]  # may be 0 rows

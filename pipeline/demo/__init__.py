@@ -4,7 +4,8 @@
    teacher`) samples traces with vLLM at two temperatures, two samples each; they are
    verified against the reference answers and filtered (correct only, no duplicates).
 2. sft: two students a quarter of the teacher's size, from the same random init: one on the
-   traces alone, one with online logit KD from the teacher as well.
+   traces alone, one with online logit KD from the teacher as well. They train side by side, the
+   cores split between them (their logs: OUTPUT_DIR/logs/).
 3. eval: teacher, untrained student and both students on the held-out test split.
 
 Each step is `python -m pipeline STAGE` on the demo configs in configs/, as `make generate`,
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import time
@@ -46,20 +49,70 @@ class DemoConfig:
     RENAMED: ClassVar[dict[str, str]] = {"out": "output_dir"}
 
 
-def stages(out: Path, quick: bool) -> list[tuple[str, str, list[str]]]:
-    """(name, stage, args) of each step, in order."""
+def stages(out: Path, quick: bool) -> list[list[tuple[str, str, list[str]]]]:
+    """The steps in order, each a list of (name, stage, args) that run at once: the students train
+    side by side (on 2 cores, a core each beats both cores for one, then the other)."""
     students = {"student-sft": [], "student-kd": ["--kd", "online", "--teacher", TEACHER]}
     if quick:
         students.pop("student-kd")
-    steps = [("generate", "generate", ["--config", "configs/generate.yaml", "--model", TEACHER,
-                                       "--output_dir", str(out / "traces")])]
-    for name, extra in students.items():
-        steps.append((name, "sft", ["--config", "configs/sft.yaml", "--model", str(out / "student-init"),
-                                    "--dataset", str(out / "traces"), "--output_dir", str(out / name), *extra]))
+    generate = ("generate", "generate", ["--config", "configs/generate.yaml", "--model", TEACHER,
+                                         "--output_dir", str(out / "traces")])
+    train = [(name, "sft", ["--config", "configs/sft.yaml", "--model", str(out / "student-init"),
+                            "--dataset", str(out / "traces"), "--output_dir", str(out / name), *extra])
+             for name, extra in students.items()]
     models = [f"teacher={TEACHER}", f"untrained={out / 'student-init'}", *(f"{n}={out / n}" for n in students)]
-    steps.append(("eval", "eval", ["--config", "configs/eval.yaml", "--models", ",".join(models),
-                                   "--output_dir", str(out / "eval")]))
-    return [(name, stage, args + (QUICK[stage] if quick else [])) for name, stage, args in steps]
+    evaluate = ("eval", "eval", ["--config", "configs/eval.yaml", "--models", ",".join(models),
+                                 "--output_dir", str(out / "eval")])
+    return [[(name, stage, args + (QUICK[stage] if quick else [])) for name, stage, args in step]
+            for step in ([generate], train, [evaluate])]
+
+
+def run_at_once(step: list[tuple[str, str, list[str]]], logs: Path) -> dict[str, float]:
+    """Run the step's stages as processes, the cores split between them; return each one's seconds.
+    One stage prints to this terminal; several write logs/NAME.log and their progress is printed here."""
+    cores = max(1, len(os.sched_getaffinity(0)) // len(step))
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)} if len(step) > 1 else {})}
+    logs.mkdir(parents=True, exist_ok=True)
+    running, seconds, start, shown = {}, {}, time.time(), time.time()
+    for name, stage, args in step:
+        log.info(f"\n==> {name}: python -m pipeline {stage} {' '.join(args)}"
+                 + (f"  ({cores} core(s), log {logs / name}.log)" if len(step) > 1 else ""))
+        sys.stdout.flush()
+        output = (logs / f"{name}.log").open("w") if len(step) > 1 else None
+        running[name] = subprocess.Popen([sys.executable, "-m", "pipeline", stage, *args], env=env,
+                                         stdout=output, stderr=subprocess.STDOUT if output else None)
+        if output:
+            output.close()  # the child holds its own copy
+    while running:
+        time.sleep(0.5)
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            seconds[name] = round(time.time() - start, 1)
+            if proc.returncode:
+                for other in running.values():
+                    other.terminate()
+                where = f" (its log: {logs / name}.log)" if len(step) > 1 else " (its error is above)"
+                raise UserError(f"demo step {name} failed with exit status {proc.returncode}{where}: fix it and "
+                                "run the demo again, finished steps are reused")
+            if len(step) > 1:
+                log.info(f"    {name} done in {seconds[name]:.0f} s")
+        if running and len(step) > 1 and time.time() - shown > 15:
+            shown = time.time()
+            log.info("    " + ", ".join(f"{name} {last_progress(logs / f'{name}.log')}" for name in running))
+    return seconds
+
+
+def last_progress(path: Path) -> str:
+    """The last `step/total` a trainer's progress bar wrote to its log."""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 4096))
+        found = PROGRESS.findall(f.read().decode(errors="replace"))
+    return f"step {found[-1]}" if found else "starting"
+
+
+PROGRESS = re.compile(r"(\d+/\d+) \[")
 
 
 def main(cfg: DemoConfig) -> dict[str, float]:
@@ -68,15 +121,8 @@ def main(cfg: DemoConfig) -> dict[str, float]:
         build_model(out / "student-init", **STUDENT)
     timings: dict[str, float] = {}
     start = time.time()
-    for name, stage, args in stages(out, quick):
-        log.info(f"\n==> {name}: python -m pipeline {stage} {' '.join(args)}")
-        t = time.time()
-        sys.stdout.flush()
-        code = subprocess.run([sys.executable, "-m", "pipeline", stage, *args]).returncode
-        if code:
-            raise UserError(f"demo step {name} failed (exit status {code}; its error is above): fix it and run the "
-                            "demo again, finished steps are reused")
-        timings[name] = round(time.time() - t, 1)
+    for step in stages(out, quick):
+        timings.update(run_at_once(step, out / "logs"))
     timings["total"] = round(time.time() - start, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
 
