@@ -43,12 +43,10 @@ def test_teacher_names_the_row_without_a_solution(tmp_path: Path) -> None:
         main(cfg)
 
 
-
-def test_steps_run_at_once_with_the_cores_split_and_a_failure_names_its_log(tmp_path: Path, monkeypatch) -> None:
-    """Real processes (`python -m pipeline STAGE --help` and a refused key): each writes its own log; one
-    that fails stops the others and the error names its log."""
-    import time
-
+def test_steps_run_at_once_each_with_its_log_and_a_failure_names_its_log(tmp_path: Path, monkeypatch) -> None:
+    """Real processes (`python -m pipeline STAGE --help` and a refused key): each writes its own log, and
+    the error of one that fails names its log. (The full demo, with its students side by side, is timed
+    by hand: BENCHMARKS.md.)"""
     from pipeline.config import UserError
     from pipeline.demo import PROGRESS, run_at_once, stages
 
@@ -60,8 +58,7 @@ def test_steps_run_at_once_with_the_cores_split_and_a_failure_names_its_log(tmp_
     assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
     assert "--kd_temperature" in (tmp_path / "logs/a.log").read_text()
     assert "--num_samples" in (tmp_path / "logs/b.log").read_text()
-    start = time.time()
     with pytest.raises(UserError, match=r"demo step bad failed with exit status 2 \(its log: .*logs/bad.log\)"):
-        run_at_once([("slow", "sft", ["--help"]), ("bad", "sft", ["--no_such_key", "1"])], tmp_path / "logs")
-    assert "no_such_key" in (tmp_path / "logs/bad.log").read_text() and time.time() - start < 60
+        run_at_once([("other", "sft", ["--help"]), ("bad", "sft", ["--no_such_key", "1"])], tmp_path / "logs")
+    assert "no_such_key" in (tmp_path / "logs/bad.log").read_text()
     assert PROGRESS.findall(" 12%|█▏   | 97/800 [00:21<02:34,  4.55it/s]") == ["97/800"]

@@ -93,6 +93,7 @@ def run_at_once(step: list[tuple[str, str, list[str]]], logs: Path) -> dict[str,
             if proc.returncode:
                 for other in running.values():
                     other.terminate()
+                    other.wait()
                 where = f" (its log: {logs / name}.log)" if len(step) > 1 else " (its error is above)"
                 raise UserError(f"demo step {name} failed with exit status {proc.returncode}{where}: fix it and "
                                 "run the demo again, finished steps are reused")
