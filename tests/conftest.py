@@ -48,7 +48,8 @@ def traces(tiny_qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("traces") / "traces"
     subprocess.run([sys.executable, "-m", "pipeline", "generate", "--config", "configs/generate.yaml",
                     "--model", str(tiny_qwen), "--output_dir", str(out), "--max_prompts", "16",
-                    "--max_tokens", "48", "--logprobs", "8", "--drop_truncated", "false",
+                    "--max_tokens", "48", "--logprobs", "8", "--temperatures", "0.6,1.0", "--num_samples", "2",
+                    "--drop_truncated", "false",
                     "--decontaminate_against", "[]", "--keep_correct_only", "false",
                     "--drop_unclean_text", "false"],  # a random teacher's bytes are often not UTF-8
                    cwd=ROOT, check=True, capture_output=True, timeout=600)

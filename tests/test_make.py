@@ -179,6 +179,10 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
         paired = base != {a: row[a] for a in table["axes"]} and any(
             all(r[a] == base[a] for a in table["axes"]) for r in table["rows"])
         assert ("vs_baseline" in row) == paired, row
+        if paired:  # pipeline/study/stats.py, Holm over the study's comparisons
+            diff = row["vs_baseline"]
+            assert diff["ci"][0] <= diff["mean"] <= diff["ci"][1] and diff["p_bootstrap"] <= diff["p_holm"] <= 1, diff
+    assert table["comparisons"] == sum("vs_baseline" in row for row in table["rows"])
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
     if name == "methods":  # 2 runs at a time; the shrunk student's own size
         sizes = {row["method"]: row["parameters"] for row in table["rows"]}

@@ -4,7 +4,6 @@ The shipped studies run for real, reduced, in tests/test_make.py."""
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from pipeline.config import UserError, load_config
 from pipeline.study import StudyConfig, load_study
 from pipeline.study.grid import Run, cells, plan
-from pipeline.study.report import paired_difference
 from pipeline.study.runner import check_config, execute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +52,14 @@ def test_a_key_set_by_two_axes_and_a_bad_key_are_refused() -> None:
         StudyConfig(stages={"sft": SUMS["sft"]})
 
 
+def test_primary_comparisons_must_name_a_cell() -> None:
+    assert study(primary=[{"method": "KD", "T": 1.0}]).primary == [{"method": "KD", "T": 1.0}]
+    with pytest.raises(ValueError, match=r"primary: \{'method': 'KDD'\} does not name a cell.*'KD'"):
+        study(primary=[{"method": "KDD"}])
+    with pytest.raises(ValueError, match="does not name a cell"):
+        study(primary=[{"alpha": 0.5}])
+
+
 def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
     cfg = study(output_dir=str(tmp_path), student_init={"hidden_size": 64})
     runs = plan(cfg, cells(cfg), tmp_path)
@@ -86,21 +92,6 @@ def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_pa
     with pytest.raises(UserError, match=r"sft run x: output_dir .*students/x was made with other settings "
                                         r"\(seed: 0 -> 1\).*--overwrite"):
         check_config(run)
-
-
-def test_paired_difference_is_taken_on_the_same_seeds_and_prompts() -> None:
-    cell = {"0": {"a": 1.0, "b": 0.5, "c": 0.25}, "1": {"a": 0.75, "b": 0.5, "c": 1.0}}
-    base = {"0": {"a": 0.5, "b": 0.5, "c": 0.0, "d": 1.0}, "1": {"a": 1.0, "b": 0.25, "c": 0.5}}  # d: not shared
-    diff = paired_difference(cell, base)
-    per_seed = {"0": (0.5 + 0 + 0.25) / 3, "1": (-0.25 + 0.25 + 0.5) / 3}
-    assert diff["per_seed"] == pytest.approx(per_seed)
-    assert diff["seed_std"] == pytest.approx(statistics.stdev(per_seed.values()))
-    per_prompt = [(0.5 - 0.25) / 2, (0 + 0.25) / 2, (0.25 + 0.5) / 2]
-    half = 1.96 * statistics.stdev(per_prompt) / 3 ** 0.5
-    mean = statistics.mean(per_prompt)
-    assert diff["mean"] == pytest.approx(mean)
-    assert diff["prompt_ci95"] == pytest.approx([mean - half, mean + half])
-    assert (diff["seeds_better"], diff["seeds"]) == (2, 2)
 
 
 @pytest.mark.parametrize("name", ["temperature", "data", "samples"])

@@ -1,11 +1,12 @@
 """`make demo`: the whole pipeline on a CPU in minutes, showing that distillation works.
 
 1. generate: the shipped arithmetic teacher (prompts/arithmetic/teacher, made by `make
-   teacher`) samples traces with vLLM at two temperatures, two samples each; they are
-   verified against the reference answers and filtered (correct only, no duplicates).
+   teacher`) samples a trace per prompt with vLLM, capturing its top-20 logprobs per token;
+   the traces are verified against the reference answers and filtered (correct only).
 2. sft: two students a quarter of the teacher's size, from the same random init: one on the
-   traces alone, one with online logit KD from the teacher as well. They train side by side, the
-   cores split between them (their logs: OUTPUT_DIR/logs/).
+   traces alone, one with offline logit KD from the captured logprobs as well (no teacher
+   forward while training). They train side by side, the cores split between them (their
+   logs: OUTPUT_DIR/logs/).
 3. eval: teacher, untrained student and both students on the held-out test split.
 
 Each step is `python -m pipeline STAGE` on the demo configs in configs/, as `make generate`,
@@ -52,7 +53,7 @@ class DemoConfig:
 def stages(out: Path, quick: bool) -> list[list[tuple[str, str, list[str]]]]:
     """The steps in order, each a list of (name, stage, args) that run at once: the students train
     side by side (on 2 cores, a core each beats both cores for one, then the other)."""
-    students = {"student-sft": [], "student-kd": ["--kd", "online", "--teacher", TEACHER]}
+    students = {"student-sft": [], "student-kd": ["--kd", "offline"]}
     if quick:
         students.pop("student-kd")
     generate = ("generate", "generate", ["--config", "configs/generate.yaml", "--model", TEACHER,

@@ -10,6 +10,7 @@ A study config (configs/studies/*.yaml) names a base config per stage and the ax
     zip: []          # axes are combined as a product; each list here advances its axes together
     seeds: [0, 1]    # every cell is trained once per seed (seed_keys), reported as mean and spread
     baseline: {method: SFT}   # paired differences: each cell against this value, same seeds and prompts
+    primary: [{method: KD}]   # declared before running; every comparison's p is Holm-adjusted (stats.py)
 
 Each cell's stages chain: its sft trains on the traces of its generate overrides (shared between
 cells that have the same ones) and the eval scores every student with the base eval config's
@@ -45,7 +46,7 @@ from typing import Any
 from pipeline import rundir
 from pipeline.config import UserError, load_config, parse_yaml, require, setting
 from pipeline.study import report
-from pipeline.study.grid import STAGES, cells, init_seeds, plan, student_init
+from pipeline.study.grid import STAGES, axis_values, cells, init_seeds, plan, student_init
 from pipeline.study.runner import check_config, execute, execute_parallel
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class StudyConfig:
                                                  "cell starts")
     common: dict = setting({}, help="stage.key: value for every cell")
     baseline: dict = setting({}, help="axis: value, the reference of paired differences")
+    primary: list = setting([], help="the comparisons the study is run for, declared before it runs: a list of "
+                                     "{axis: value} naming cells (each against the baseline); the rest are secondary")
     plot: dict = setting({}, help="{kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}")
     reduced: bool = setting(False, help="run the study's small version: reduced_keys laid over the file's keys "
                                         "(the command line still wins)")
@@ -87,6 +90,11 @@ class StudyConfig:
             unknown = set(group) - set(self.axes)
             if unknown:
                 raise ValueError(f"zip names axes that do not exist: {sorted(unknown)} (axes: {sorted(self.axes)})")
+        labels = {axis: [label for label, _ in axis_values(axis, spec)] for axis, spec in self.axes.items()}
+        for spec in self.primary:
+            if not isinstance(spec, dict) or not spec or any(str(v) not in labels.get(a, []) for a, v in spec.items()):
+                raise ValueError(f"primary: {spec!r} does not name a cell; each entry is {{axis: value}} with values "
+                                 f"of the study's axes: {labels}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         require(self, "output_dir")

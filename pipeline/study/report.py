@@ -1,6 +1,7 @@
 """Reading a study back: per cell, mean pass@1 over seeds with their spread, what the student
-trained on, its size, and paired differences against the baseline (same seeds, same prompts),
-written as OUT/study.json, OUT/study.md (the table) and OUT/study.png (the plot).
+trained on, its size, and paired differences against the baseline (same seeds, same prompts;
+intervals and tests in stats.py, Holm-adjusted over the study's comparisons, its declared
+primary ones marked), written as OUT/study.json, OUT/study.md (the table) and OUT/study.png.
 
 It reads what the runs wrote: each eval's samples, each student's train summary
 (pipeline/training.py) and each run's record (pipeline/rundir.py).
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import rundir
+from pipeline.study import stats
 from pipeline.study.grid import Cell, Run
 
 if TYPE_CHECKING:  # the config lives in the package's __init__, which imports this module
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> dict[str, Any]:
     """Mean pass@1 over seeds per cell, the spread across seeds, and paired differences against
-    the baseline: per seed, and per prompt (averaged over seeds) for a 95% interval."""
+    the baseline: per seed, with a hierarchical bootstrap interval, a sign-flip test over seeds
+    and Holm-adjusted p-values over all of the study's comparisons."""
     scores: dict[str, dict[str, float]] = {}  # student run -> prompt id -> mean correct over its samples
     references: dict[str, float] = {}  # the base eval's own models (the teacher)
     for run in (r for r in runs if r.stage == "eval"):
@@ -62,31 +65,22 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
                "parameters": parameters(list(members[0].outputs.values())[-1])}
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
-            row["vs_baseline"] = paired_difference(seeds, per_seed(base_key))
+            row["vs_baseline"] = stats.compare(seeds, per_seed(base_key))
+            row["primary"] = any(all(str(row[a]) == str(v) for a, v in spec.items()) for spec in cfg.primary)
         rows.append(row)
+    compared = [r["vs_baseline"] for r in rows if "vs_baseline" in r]
+    for diff, p in zip(compared, stats.holm([d["p_bootstrap"] for d in compared])):
+        diff["p_holm"] = p
     seconds = sum(run_seconds(r.config["output_dir"]) for r in runs)
     result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
-              "references": references, "rows": rows, "run_seconds": round(seconds)}
+              "primary": cfg.primary, "level": stats.LEVEL, "comparisons": len(compared), "references": references,
+              "rows": rows, "run_seconds": round(seconds)}
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "study.md").write_text(markdown(result))
     plot(result, cfg.plot, out / "study.png")
     log.info(markdown(result))
     log.info(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
     return result
-
-
-def paired_difference(cell: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """cell - baseline on the same seeds and prompts: per seed, their mean and spread, and a 95%
-    interval over prompts of the per-prompt difference averaged over seeds."""
-    seeds = sorted(set(cell) & set(base))
-    prompts = sorted(set.intersection(*(set(cell[s]) & set(base[s]) for s in seeds)))
-    per_seed = {s: _mean([cell[s][p] - base[s][p] for p in prompts]) for s in seeds}
-    per_prompt = [_mean([cell[s][p] - base[s][p] for s in seeds]) for p in prompts]
-    half = 1.96 * _std(per_prompt) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
-    mean = _mean(per_prompt)
-    return {"mean": mean, "seed_std": _std(list(per_seed.values())), "per_seed": per_seed,
-            "prompt_ci95": [mean - half, mean + half], "seeds_better": sum(d > 0 for d in per_seed.values()),
-            "seeds": len(seeds)}
 
 
 def _mean(xs: list[float]) -> float:
@@ -140,17 +134,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['description']}".strip(), "",
              f"pass@1: mean over {n} seed(s) ± their standard deviation; traces, prompts and completion tokens "
              "the student trained on (first seed; on-policy: its own samples), and completion tokens seen over all "
-             "steps; paired difference: the same seeds and prompts against the "
-             "baseline, mean ± the seeds' standard deviation, [95% interval over prompts], seeds where the cell is "
-             "better.", ""]
+             "steps.", "",
+             f"vs baseline: the paired difference on the same seeds and prompts; its {result['level']:.0%} "
+             "interval is a hierarchical bootstrap (seeds resampled, then prompts), p its two-sided p-value, "
+             f"Holm-adjusted over all {result['comparisons']} comparisons; then the sign-flip test over seeds "
+             f"(exact; its smallest p at {n} seeds is {2 / 2 ** n:.3g}) and the seeds where the cell is better. "
+             "**primary**: a comparison the study declared before it ran (`primary:`); the rest are secondary.", ""]
     head = [*axes, "pass@1", "per seed", "parameters", "traces (prompts)", "trained tokens", "tokens seen",
             "vs " + ", ".join(
         f"{k}={v}" for k, v in result["baseline"].items()) if result["baseline"] else ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         diff = row.get("vs_baseline")
-        diff_text = (f"{diff['mean']:+.3f} ± {_fmt(diff['seed_std'])} [{diff['prompt_ci95'][0]:+.3f}, "
-                     f"{diff['prompt_ci95'][1]:+.3f}], {diff['seeds_better']}/{diff['seeds']}") if diff else ""
+        diff_text = (("**primary** " if row.get("primary") else "")
+                     + f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}], p {diff['p_bootstrap']:.3f} "
+                     f"(Holm {diff['p_holm']:.3f}); sign-flip p {diff['p_sign_flip']:.3f}, "
+                     f"{diff['seeds_better']}/{diff['seeds']} better") if diff else ""
         lines.append("| " + " | ".join([*(row[a] for a in axes), f"{row['pass@1']:.3f} ± {_fmt(row['seed_std'])}",
                                          " ".join(f"{v:.3f}" for v in row["per_seed"].values()),
                                          f"{row['parameters']:,}" if row.get("parameters") else "",
