@@ -71,6 +71,9 @@ def lora_config(cfg: LoraKeys) -> Any:
 
 def open_training_run(cfg: Any, stage: str, inputs: dict[str, Any]) -> Run:
     """The run contract of a training run (pipeline/rundir.py), its global batch a result key."""
+    if cfg.max_steps > 0 and cfg.warmup_steps >= 1 and cfg.warmup_steps >= cfg.max_steps:
+        log.warning(f"{stage}: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the whole run is "
+                    "warm-up and its learning rate never anneals; set warmup_steps below max_steps")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
     return open_run(cfg, stage, inputs, TRAINING_FREE_KEYS, derived={"global_batch": global_batch})

@@ -81,19 +81,23 @@ def test_onpolicy_trains_saves_and_resumes(tmp_path: Path, tiny_qwen: Path, tiny
         main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, max_steps=3))
 
 
-def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
-    """`make onpolicy NUM_PROCESSES=2`: two real processes (gloo), each sampling its share."""
+def test_two_processes_share_the_prompts(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path, traces: Path) -> None:
+    """`make onpolicy NUM_PROCESSES=2`: two real processes (gloo), each sampling its share, trace
+    batches mixed in (lmbda 0.5: the same draw on both processes, the metrics gathered)."""
     out = tmp_path / "student"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
          "-m", "pipeline", "onpolicy", "--config", "configs/onpolicy.yaml", "--model", str(tiny_llama),
-         "--teacher", str(tiny_qwen), "--output_dir", str(out), "--max_steps", "2",
+         "--teacher", str(tiny_qwen), "--output_dir", str(out), "--max_steps", "4",
          "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--save_strategy", "no",
-         "--max_prompts", "16", "--log_level", "all"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--max_prompts", "16", "--log_level", "all", "--lmbda", "0.5", "--dataset", str(traces)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[rank 1] OnPolicyTrainer: process 1 of 2 (MULTI_CPU)" in result.stdout
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["samples"] == 2 * 2 * 2, summary  # steps x processes x batch
+    # steps x processes x batch, of which the first step's batch was traces (the seeded draw)
+    assert summary["steps"] == 4 and summary["samples"] == 3 * 2 * 2, summary
+    assert summary["trace_completions"] == 1 * 2 * 2, summary
 
 
 def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_qwen: Path, tiny_llama: Path) -> None:
@@ -106,9 +110,41 @@ def test_bad_teacher_settings_are_refused_before_training(tmp_path: Path, tiny_q
         onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9", temperature=0.7)
     with pytest.raises(UserError, match="http://127.0.0.1:9 does not answer"):
         build_trainer(onpolicy_config(tmp_path, tiny_llama, None, teacher_server="http://127.0.0.1:9"))
-    with pytest.raises(ValueError, match="sft stage's online KD"):  # shared tokenizer: off-policy is sft's
-        build_trainer(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, dataset=str(tmp_path)))
     assert not (tmp_path / "student").exists()
+
+
+def test_lmbda_mixes_trace_batches_and_each_kind_is_logged_and_plotted(tmp_path: Path, tiny_qwen: Path,
+                                                                       tiny_llama: Path, traces: Path) -> None:
+    """GKD's mix with a shared tokenizer: per step, the student's samples or the traces' completions
+    (seeded by the step); entropy and the teacher's log-probability logged per kind, the clipped
+    share for sampled batches, all plotted."""
+    out = main(onpolicy_config(tmp_path, tiny_llama, tiny_qwen, lmbda=0.5, dataset=str(traces), max_steps=6,
+                               save_steps=6))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["samples"] > 0 and summary["trace_completions"] > 0, summary
+    assert summary["samples"] + summary["trace_completions"] == 6 * 4, summary
+    assert summary["tokens_seen"] == summary["completion_tokens"] + summary["trace_tokens"]
+    for key in ("sampled/teacher_logprob", "traces/teacher_logprob", "sampled/entropy", "traces/entropy",
+                "sampled/clipped_share"):
+        values = history(out, key)
+        assert values, key
+        assert all(v <= 0 for v in values) if "logprob" in key else all(v >= 0 for v in values), (key, values)
+    assert all(0 <= v <= 1 for v in history(out, "sampled/clipped_share"))
+    assert summary["plot"] == "onpolicy.png" and (out / "onpolicy.png").stat().st_size > 10_000
+
+
+def test_teacher_logprob_is_the_log_softmax_of_each_token_chunk_by_chunk() -> None:
+    import torch
+
+    from pipeline.stages.onpolicy import teacher_logprob
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=True)
+    hidden, ids = torch.randn(3, 5, 8), torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    total, count = teacher_logprob(hidden, head, ids, mask, chunk=4)
+    expected = torch.log_softmax(head(hidden), -1).gather(2, ids[..., None]).squeeze(2)[mask.bool()]
+    assert count.item() == 9 and total.item() == pytest.approx(expected.sum().item(), rel=1e-5)
 
 
 def test_a_student_equal_to_its_teacher_has_zero_loss(tmp_path: Path, tiny_qwen: Path) -> None:

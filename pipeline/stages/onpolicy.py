@@ -6,7 +6,11 @@ The teacher chooses the trainer, and so the divergence (docs/onpolicy.md has the
 card says which one ran): a local teacher with the student's tokenizer, TRL's DistillationTrainer
 (generalized JSD(beta) over the full distributions); a served one (`teacher_server`), TRL's
 ServerDistillationTrainer (top-k plus a tail bucket); a teacher with another tokenizer, TRL's GOLD
-trainer (ULD loss, `gold_trainer`), where `lmbda` is the share of batches the student samples.
+trainer (ULD loss, `gold_trainer`). With `lmbda` < 1 a share 1 - lmbda of the batches trains on
+the traces' completions instead of the student's samples (GKD's mix), with either local teacher.
+Per step it logs, by batch kind (`sampled/`, `traces/`): the student's entropy, the teacher's
+log-probability per token of the completions and (sampled) the share clipped at
+max_completion_length; onpolicy.png plots them beside the loss.
 
 Prompts come from a prompt set exactly as in generate. Output layout and resume:
 pipeline/training.py; train_summary.json adds where the steps' time went (`StepTimes`).
@@ -17,16 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
 
 from pipeline import reports, training
-from pipeline.config import UserError, require, setting
+from pipeline.config import require, setting
 from pipeline.distill.alignment import SkipsUnalignable, alignable_rows, skipped_unalignable
 from pipeline.inference import teacher_server
 from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_prompts
@@ -53,8 +59,8 @@ class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, RunKeys):
     teacher_server: str | None = setting(None, help="or the URL of a vLLM server serving the teacher (then "
                                                     "teacher: null)")
     teacher_server_top_k: int = setting(1, help="served teacher: top-k log-probs per token (TRL: 1 when beta > 0)")
-    lmbda: float = setting(1.0, help="share of on-policy batches; < 1 mixes in `dataset` (GOLD trainer, another "
-                                     "tokenizer)")
+    lmbda: float = setting(1.0, help="share of on-policy batches; < 1 mixes in batches of `dataset`'s completions "
+                                     "(GKD's lmbda)")
     dataset: str | None = setting(None, help="off-policy completions for lmbda < 1: a traces dir or saved dataset")
     gold: dict = setting({}, help="extra GOLDConfig keys (uld_*, max_length), cross-tokenizer runs only")
     chat_template: Literal["student", "chatml"] = setting("student", help="the student's own, or chatml: a "
@@ -86,7 +92,8 @@ def main(cfg: OnPolicyConfig) -> Path:
         return Path(cfg.output_dir)
     trainer = build_trainer(cfg)
     return train_and_save(trainer, cfg, run, card=lambda: reports.onpolicy_card(cfg, trainer),
-                          summary=lambda: train_summary(trainer))
+                          summary=lambda: {**train_summary(trainer),
+                                           "plot": plot_steps(trainer, Path(cfg.output_dir) / "onpolicy.png")})
 
 
 def inputs(cfg: OnPolicyConfig) -> dict[str, Any]:
@@ -111,12 +118,9 @@ def build_trainer(cfg: OnPolicyConfig) -> Any:
         trainer = ServerOnPolicyTrainer(args=args, **common)
     elif not same_tokenizer(cfg.teacher, tokenizer):
         trainer = gold_trainer(cfg, tokenizer, prompts, common)
-    elif cfg.lmbda < 1:
-        raise UserError(f"lmbda: {cfg.lmbda} with a teacher that shares the student's tokenizer: its off-policy "
-                        "part is the sft stage's online KD (make sft ARGS='--kd online --teacher ...'), then "
-                        "lmbda: 1 here")
     else:
-        trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **common)
+        data = load_traces(cfg.dataset) if cfg.lmbda < 1 else prompts  # off-policy batches: the traces' completions
+        trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **{**common, "train_dataset": data})
     state = trainer.accelerator.state
     log.info(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
           f"({state.distributed_type.value}), {len(prompts)} prompts")
@@ -163,6 +167,10 @@ class StepTimes:
         start = time.perf_counter()
         out = super()._generate(prompts)
         counts = self._counters()
+        if getattr(self, "_kind", "sampled") == "traces":  # a batch of the traces (lmbda < 1): nothing sampled
+            counts["trace_completions"] = counts.get("trace_completions", 0) + len(prompts)
+            counts["trace_tokens"] = counts.get("trace_tokens", 0) + sum(len(ids) for ids in out[1])
+            return out
         counts["sampling_s"] += time.perf_counter() - start
         counts["sampled_tokens"] += sum(len(ids) for ids in out[1])
         counts["completions"] += len(prompts)
@@ -197,11 +205,70 @@ class StepTimes:
 
 
 class OnPolicyTrainer(StepTimes, DistillationTrainer):
+    """TRL's DistillationTrainer, plus GKD's mix: per step, with probability 1 - lmbda (seeded by
+    the step, so a resumed run draws the same), the batch is the traces' completions instead of
+    the student's samples. Truncated samples enter the loss as they are: every sampled token,
+    scored by the teacher like any other (TRL masks none)."""
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "completion"]  # kept for off-policy batches
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        draw = random.Random(f"{self.args.seed}:{self.state.global_step}").random()
+        self._kind = "sampled" if draw < self.args.lmbda else "traces"
+        self._traces = [x.get("completion") for x in inputs]
+        return super()._generate_and_score_completions(inputs)
+
+    def _generate_single_turn(self, prompt_ids: list, *args: Any, **kwargs: Any) -> list[list[int]]:
+        if self._kind == "traces":
+            eos = self.processing_class.eos_token_id
+            return [self.processing_class(trace[-1]["content"], add_special_tokens=False)["input_ids"][
+                :self.args.max_completion_length - 1] + [eos] for trace in self._traces]
+        completions = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        clipped = torch.tensor([float(ids[-1] not in ends) if ids else 0.0 for ids in completions],
+                               device=self.accelerator.device)
+        self._metrics["train"]["sampled/clipped_share"].append(self.accelerator.gather(clipped).mean().item())
+        return completions
+
     def _get_last_hidden_state(self, unwrapped_model: Any, *args: Any, **kwargs: Any) -> Any:
         parent = super()._get_last_hidden_state
         if unwrapped_model is self.accelerator.unwrap_model(self.teacher_model):
-            return self._scored(parent, unwrapped_model, *args, **kwargs)
+            self._teacher_hidden = self._scored(parent, unwrapped_model, *args, **kwargs)
+            return self._teacher_hidden
         return parent(unwrapped_model, *args, **kwargs)
+
+    def _compute_loss(self, unwrapped_student: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+        out = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        with torch.no_grad():
+            head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
+            self._teacher_logprob = teacher_logprob(self._teacher_hidden, head, inputs["completion_ids"],
+                                                    inputs["completion_mask"])
+        self._teacher_hidden = None
+        return out
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        # Gathered here, as TRL gathers its entropy: outside the DDP/FSDP-wrapped forward.
+        mode = "train" if self.model.training else "eval"
+        kind = self._kind if mode == "train" else "sampled"
+        logprob, tokens = (self.accelerator.gather_for_metrics(t).sum() for t in self._teacher_logprob)
+        self._metrics[mode][f"{kind}/teacher_logprob"].append((logprob / tokens.clamp(min=1)).item())
+        self._metrics[mode][f"{kind}/entropy"].append(self._metrics[mode]["entropy"][-1])
+        return out
+
+
+def teacher_logprob(hidden: Any, head: Any, ids: Any, mask: Any, chunk: int = 1024) -> tuple[Any, Any]:
+    """The sum over masked positions of the teacher's raw (T = 1) log-probability of each token,
+    and their count; the logits a chunk of positions at a time (never the whole (B, C, V))."""
+    hidden, ids, mask = hidden.flatten(0, 1), ids.flatten(), mask.flatten().bool()
+    hidden, ids = hidden[mask], ids[mask]
+    total = hidden.new_zeros(())
+    for start in range(0, len(ids), chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        total += (logits.gather(1, ids[start:start + chunk, None]).squeeze(1) - logits.logsumexp(1)).sum()
+    return total, mask.new_tensor(len(ids), dtype=torch.long)
 
 
 class ServerOnPolicyTrainer(StepTimes, ServerDistillationTrainer):
@@ -241,17 +308,19 @@ def gold_trainer(cfg: OnPolicyConfig, tokenizer: Any, prompts: Any, common: dict
 def train_summary(trainer: Any) -> dict[str, Any]:
     """What the student trained on (its own samples), and where the steps' time went."""
     counts = dict(trainer._counters()) if isinstance(trainer, StepTimes) else {}
+    counted = ("sampled_tokens", "completions", "trace_tokens", "trace_completions")
     if counts and trainer.accelerator.num_processes > 1:  # every process sampled its share (timings: this one's)
-        import torch
-
-        totals = trainer.accelerator.reduce(torch.tensor([counts["sampled_tokens"], counts["completions"]],
+        totals = trainer.accelerator.reduce(torch.tensor([counts.get(k, 0) for k in counted],
                                                          device=trainer.accelerator.device), "sum").tolist()
-        counts["sampled_tokens"], counts["completions"] = (int(x) for x in totals)
+        counts.update(zip(counted, (int(x) for x in totals)))
         counts["prompts"] = set()  # distinct prompts are counted per process only
     summary = training.train_summary(trainer, samples=counts.get("completions"),
                                      prompts=len(counts.get("prompts", ())) or None,
                                      completion_tokens=counts.get("sampled_tokens"),
-                                     tokens_seen=counts.get("sampled_tokens"))
+                                     tokens_seen=counts.get("sampled_tokens", 0) + counts.get("trace_tokens", 0)
+                                     if counts else None)
+    if counts.get("trace_completions"):  # lmbda < 1: the batches of traces
+        summary["trace_completions"], summary["trace_tokens"] = counts["trace_completions"], counts["trace_tokens"]
     if hasattr(trainer, "_skipped"):
         summary["skipped_unalignable"] = skipped_unalignable(trainer)
     if counts.get("step_s"):
@@ -262,3 +331,36 @@ def train_summary(trainer: Any) -> dict[str, Any]:
                                     "training": round(1 - (counts["sampling_s"] + counts["scoring_s"]) / step, 3)}
         summary["sampled_tokens_per_s"] = round(counts["sampled_tokens"] / max(counts["sampling_s"], 1e-9), 1)
     return summary
+
+
+STEP_PANELS = {"loss": ["loss"], "student entropy (nats/token)": ["sampled/entropy", "traces/entropy"],
+               "teacher log-prob (nats/token)": ["sampled/teacher_logprob", "traces/teacher_logprob"],
+               "share of samples clipped": ["sampled/clipped_share"]}
+
+
+def plot_steps(trainer: Any, path: Path) -> str | None:
+    """The logged per-step values, one panel each (sampled and trace batches as two lines): what an
+    on-policy run did to the student. Returns the file's name (None on processes other than the first)."""
+    if not trainer.is_world_process_zero():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = trainer.state.log_history
+    fig, axes = plt.subplots(1, len(STEP_PANELS), figsize=(4 * len(STEP_PANELS), 3.2))
+    for ax, (title, keys) in zip(axes, STEP_PANELS.items()):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key.split("/")[0] if "/" in key else key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"onpolicy: {path.parent}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
