@@ -22,6 +22,7 @@ from pipeline.stages import STAGES
 COMMANDS = {
     **STAGES,
     "study": ("pipeline.study", "StudyConfig", "a grid of runs read back as one table and plot"),
+    "gates": ("pipeline.study.gates", "GatesConfig", "is a teacher strong enough for a study: the bench's gates"),
     "teacher": ("pipeline.demo.teacher", "TeacherConfig", "train the demo teacher on a prompt set's solutions"),
     "demo": ("pipeline.demo", "DemoConfig", "generate -> two students -> eval, on a CPU in minutes"),
     "tiny": ("pipeline.demo.tiny", "TinyConfig", "save a tiny random Qwen2/Llama model and tokenizer"),

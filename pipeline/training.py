@@ -12,7 +12,8 @@ train_summary.json, the same base keys for every training stage (None where a st
 samples (trained sequences), prompts (distinct prompts), completion_tokens (trained tokens in the
 data; onpolicy: sampled), tokens_seen (completion tokens trained on over all epochs), steps,
 final_loss (the last logged loss); a stage's extras follow (onpolicy: seconds, share_of_step,
-sampled_tokens_per_s).
+sampled_tokens_per_s); with a validation set, validation_curve ([{step, pass@1}]) and
+validation_plot (pipeline/validation.py).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def train_and_save(trainer: Any, cfg: Any, run: Run, card: Callable[[], str],
     if last:
         log.info(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    save_student(trainer, cfg, card(), summary())
+    save_student(trainer, cfg, card(), {**summary(), **validation_summary(trainer, out)})
     run.finish(steps=trainer.state.global_step)
     # Launched as N processes, trackers finish and the process group is destroyed before exit: a
     # gloo group left to the interpreter's teardown can abort a process ("terminate called without
@@ -100,6 +101,17 @@ def train_and_save(trainer: Any, cfg: Any, run: Run, card: Callable[[], str],
     if trainer.accelerator.num_processes > 1:
         trainer.accelerator.end_training()
     return out
+
+
+def validation_summary(trainer: Any, out: Path) -> dict[str, Any]:
+    """The validation curve (pipeline/validation.py) and its plot, where the run had one."""
+    from pipeline.validation import curve, plot_curve
+
+    points = curve(trainer)
+    if not points:
+        return {}
+    return {"validation_curve": points,
+            "validation_plot": plot_curve(points, out / "validation.png") if trainer.is_world_process_zero() else None}
 
 
 def own_card(trainer: Any, out: Path, card: Callable[[], str]) -> None:

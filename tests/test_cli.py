@@ -19,6 +19,7 @@ KNOWN = {"generate": {"temperatures": "[0.6]", "num_samples": "4", "overwrite": 
          "onpolicy": {"teacher_server_top_k": "1", "lmbda": "1.0", "beta": "1.0"},
          "eval": {"num_samples": "4", "temperature": "0.6", "backend": "vllm"},
          "study": {"jobs": "1", "reduced": "false"},
+         "gates": {"num_samples": "4", "distinct_samples": "8", "min_pass1": "0.95"},
          "teacher": {"hidden_size": "128", "kd_alpha": "0.5", "solution_column": "solution"},
          "demo": {"output_dir": "runs/demo", "quick": "false"},
          "tiny": {"arch": "qwen2", "hidden_size": "128", "num_layers": "2"}}

@@ -74,6 +74,7 @@ RUN_BY = {
     "python -m pipeline eval": "tests/test_make.py::test_stages_alone_in_readme_order (recipes: GPU only)",
     "python -m pipeline study": "tests/test_make.py::test_make_study_reduced",
     "python -m pipeline teacher": "tests/test_make.py::test_make_teacher_trains_then_scores",
+    "python -m pipeline gates": "tests/test_gates.py::test_the_shipped_keyed_teacher_passes_its_gates",
     "python -m pipeline tiny": "tests/test_sft.py::test_bad_inputs_fail_with_their_message (builds a model with it)",
     "python prompts/arithmetic/make.py":
         "tests/test_prompts.py::test_shipped_splits_are_disjoint_and_made_by_the_script[arithmetic]",

@@ -489,3 +489,29 @@ def test_two_machines_through_accelerate_multi_node_launch(tmp_path: Path, tiny_
     assert one.returncode == 0, one.stderr[-3000:]
     for key in ("loss", "ce_loss", "kd_loss"):
         assert losses(tmp_path / "two", key) == pytest.approx(losses(tmp_path / "one", key), rel=1e-3), key
+
+
+def test_the_validation_curve_is_the_eval_stages_greedy_pass_at_1(tmp_path: Path, traces: Path) -> None:
+    """A student that does not move (learning rate 0: the shipped arithmetic teacher) scores at each
+    validation step what the eval stage scores it greedily on the same prompts (transformers backend)."""
+    from pipeline.config import UserError
+    from pipeline.stages.eval import EvalConfig
+    from pipeline.stages.eval import main as eval_main
+
+    teacher, prompts = ROOT / "prompts/arithmetic/teacher", ROOT / "prompts/arithmetic/test.jsonl"
+    keys = {"validation_set": str(prompts), "validation_steps": 1, "validation_max_prompts": 12,
+            "validation_max_tokens": 128, "learning_rate": 0.0, "max_steps": 2, "chat_template": "student"}
+    out = main(sft_config(tmp_path, teacher, traces, **keys))
+    summary = json.loads((out / "train_summary.json").read_text())
+    report = eval_main(load_config(EvalConfig, None, {
+        "output_dir": str(tmp_path / "eval"), "prompt_set": str(prompts), "max_prompts": 12,
+        "models": [f"teacher={teacher}"], "backend": "transformers", "temperature": 0.0, "num_samples": 1,
+        "max_tokens": 128, "dtype": "float32"}))
+    expected = report["models"]["teacher"]["pass@1"]
+    assert expected > 0.5, report  # the teacher answers: the comparison means something
+    assert [p["step"] for p in summary["validation_curve"]] == [1, 2]
+    assert [p["pass@1"] for p in summary["validation_curve"]] == [pytest.approx(expected)] * 2
+    assert summary["validation_plot"] == "validation.png" and (out / "validation.png").stat().st_size > 5_000
+    with pytest.raises(UserError, match="test is the split results are reported on"):
+        main(sft_config(tmp_path / "t", teacher, traces, **{**keys, "validation_set": "prompts/arithmetic",
+                                                              "validation_split": "test"}))

@@ -24,22 +24,34 @@ def ensemble_members(path: str) -> list[str]:
 
 def sample_transformers(cfg: SamplingKeys, path: str, prompts: list, temperature: float,
                         dtype: str) -> list[dict[str, Any]] | None:
-    """HF generate; each process takes a slice of the prompts, the main one gathers (None elsewhere).
-    Each prompt is sampled alone, with its own seed, so the split across processes changes nothing."""
+    """HF generate of the model at `path` (sample_model); the rows on the main process, None elsewhere."""
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype)).to(state.device).eval()
+    rows = sample_model(cfg, model, tokenizer, prompts, temperature, name=Path(path).name)
+    return rows if state.is_main_process else None
+
+
+def sample_model(cfg: SamplingKeys, model: Any, tokenizer: Any, prompts: list, temperature: float,
+                 name: str = "model") -> list[dict[str, Any]]:
+    """HF generate of a loaded model; each process takes a slice of the prompts and every process
+    gets all the rows back (a collective: every process calls it). Each prompt is sampled alone,
+    with its own seed, so the split across processes changes nothing."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     stop_ids = _stop_ids(tokenizer, [model])
     rows = []
     with state.split_between_processes(prompts) as mine:
-        for prompt in tqdm(mine, desc=f"sample {Path(path).name}", disable=not state.is_main_process):
-            ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(state.device)
+        for prompt in tqdm(mine, desc=f"sample {name}", disable=not state.is_main_process):
+            ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
             torch.manual_seed(sample_seed(cfg.seed, prompt.id, temperature, 0))
             greedy = temperature == 0
             with torch.no_grad():
@@ -49,8 +61,7 @@ def sample_transformers(cfg: SamplingKeys, path: str, prompts: list, temperature
                                                               "top_k": 0}))
             new = output[:, ids["input_ids"].shape[1]:].tolist()
             rows += _completion_rows(cfg, temperature, tokenizer, prompt, new, stop_ids)
-    rows = gather_object(rows)
-    return rows if state.is_main_process else None
+    return gather_object(rows) if state.num_processes > 1 else rows
 
 
 def sample_ensemble(cfg: SamplingKeys, paths: list[str], prompts: list, temperature: float,

@@ -39,13 +39,14 @@ from pipeline.prompts import CHATML_TEMPLATE, PromptSource, chat_prompt, load_pr
 from pipeline.rundir import RunKeys, fingerprint, prompt_set_fingerprint
 from pipeline.traces import load_traces
 from pipeline.training import TRAINING_FREE_KEYS, LoraKeys, lora_config, open_training_run, train_and_save
+from pipeline.validation import ValidationKeys, add_validation
 
 log = logging.getLogger(__name__)
 FREE_KEYS = TRAINING_FREE_KEYS  # what a resume may change (pipeline/training.py)
 
 
 @dataclass
-class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, RunKeys):
+class OnPolicyConfig(DistillationConfig, PromptSource, LoraKeys, ValidationKeys, RunKeys):
     """Every DistillationConfig / TrainingArguments field (beta, temperature, max_completion_length,
     use_vllm, ...), the prompt-set keys of generate, the LoRA keys, and the keys below."""
 
@@ -121,6 +122,7 @@ def build_trainer(cfg: OnPolicyConfig) -> Any:
     else:
         data = load_traces(cfg.dataset) if cfg.lmbda < 1 else prompts  # off-policy batches: the traces' completions
         trainer = OnPolicyTrainer(teacher_model=cfg.teacher, args=cfg, **{**common, "train_dataset": data})
+    add_validation(trainer, cfg)
     state = trainer.accelerator.state
     log.info(f"{type(trainer).__name__}: process {state.process_index} of {state.num_processes} "
           f"({state.distributed_type.value}), {len(prompts)} prompts")

@@ -45,12 +45,14 @@ from pipeline.training import (
     set_max_length,
     train_and_save,
 )
+from pipeline.validation import ValidationKeys, add_validation
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTStageConfig(*(m.keys for m in reversed(distill.methods().values())), SFTConfig, LoraKeys, RunKeys):
+class SFTStageConfig(*(m.keys for m in reversed(distill.methods().values())), SFTConfig, LoraKeys, ValidationKeys,
+                     RunKeys):
     """Every SFTConfig / TrainingArguments field, each distillation method's keys (pipeline/distill/: feature
     and relational KD, ...), the LoRA keys (pipeline/training.py), and the keys below."""
 
@@ -189,6 +191,7 @@ def build_trainer(cfg: SFTStageConfig) -> SFTTrainer:
     trainer = trainer_cls(model=cfg.model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=lora_config(cfg), **extra)
     check_eos_trained(trainer, tokenizer)
+    add_validation(trainer, cfg)
     state = trainer.accelerator.state
     log.info(f"process {state.process_index} of {state.num_processes} ({state.distributed_type.value})")
     return trainer
