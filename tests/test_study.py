@@ -170,3 +170,42 @@ def test_parallel_runs_start_when_what_they_read_is_done(tmp_path: Path, monkeyp
     assert order[:2] == [("start", "g"), ("end", "g")]  # the traces first
     assert {order[2], order[3]} == {("start", "a"), ("start", "b")}  # then both students at once
     assert order[-2:] == [("start", "e"), ("end", "e")]  # the eval after both
+
+
+def test_a_study_on_a_bench_that_failed_its_gates_is_refused(tmp_path: Path) -> None:
+    from pipeline.study import main
+
+    gates = tmp_path / "gates.json"
+    with pytest.raises(UserError, match="does not exist: run `python -m pipeline gates`"):
+        main(study(output_dir=str(tmp_path / "s"), gates=str(gates)))
+    gates.write_text('{"gates": {"strong": true, "choices": false, "recovers": true}}')
+    with pytest.raises(UserError, match=r"the gate\(s\) choices failed"):
+        main(study(output_dir=str(tmp_path / "s"), gates=str(gates)))
+    assert not (tmp_path / "s").exists()  # nothing ran, nothing was written
+
+
+def test_tuning_gives_every_method_the_same_grid_and_keeps_the_best_on_validation(tmp_path: Path) -> None:
+    from pipeline.study import tuning
+
+    grid = {"SFT": {"sft.learning_rate": [1e-3, 3e-3]}, "KD": {"sft.learning_rate": [1e-3, 3e-3]}}
+    cfg = study(tuning={"axis": "method", "grid": grid, "seed": 5})
+    tcfg = tuning.tuning_study(cfg, tmp_path)
+    assert tcfg.seeds == [5] and tcfg.common["eval.split"] == "validation" and tcfg.tuning is None
+    assert list(tcfg.axes["method"]["values"]) == ["SFT,learning_rate=0.001", "SFT,learning_rate=0.003",
+                                                   "KD,learning_rate=0.001", "KD,learning_rate=0.003"]
+    assert tcfg.axes["method"]["values"]["KD,learning_rate=0.003"] == {**METHOD["values"]["KD"],
+                                                                        "sft.learning_rate": 3e-3}
+    # validation pass@1 per tuning cell, two sampling temperatures each: the mean over them decides
+    scores = {"SFT,learning_rate=0.001": (0.5, 0.7), "SFT,learning_rate=0.003": (0.6, 0.5),
+              "KD,learning_rate=0.001": (0.2, 0.2), "KD,learning_rate=0.003": (0.3, 0.3)}
+    rows = [{"method": m, "T": t, "pass@1": s[i]} for m, s in scores.items() for i, t in enumerate(("0.5", "1.0"))]
+    tuned, chosen = tuning.choose(cfg, rows)
+    assert tuned.axes["method"]["values"]["SFT"]["sft.learning_rate"] == 1e-3  # 0.60 beats 0.55
+    assert tuned.axes["method"]["values"]["KD"] == {**METHOD["values"]["KD"], "sft.learning_rate": 3e-3}
+    assert chosen["methods"]["KD"]["validation_pass@1"] == {"KD,learning_rate=0.001": 0.2,
+                                                            "KD,learning_rate=0.003": 0.3}
+    unequal = {**grid, "KD": {"sft.learning_rate": [1e-3, 3e-3], "sft.kd_alpha": [0.5, 0.9]}}
+    with pytest.raises(UserError, match="the same tuning budget"):
+        tuning.candidates(study(tuning={"axis": "method", "grid": unequal}))
+    with pytest.raises(UserError, match="must be an axis of named bundles"):
+        tuning.candidates(study(tuning={"axis": "T", "grid": grid}))

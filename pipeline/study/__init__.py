@@ -45,7 +45,7 @@ from typing import Any
 
 from pipeline import rundir
 from pipeline.config import UserError, load_config, parse_yaml, require, setting
-from pipeline.study import report
+from pipeline.study import report, tuning
 from pipeline.study.grid import STAGES, axis_values, cells, init_seeds, plan, student_init
 from pipeline.study.runner import check_config, execute, execute_parallel
 
@@ -69,6 +69,10 @@ class StudyConfig:
                                                  "cell starts")
     common: dict = setting({}, help="stage.key: value for every cell")
     baseline: dict = setting({}, help="axis: value, the reference of paired differences")
+    gates: str | None = setting(None, help="a gates.json of `python -m pipeline gates` that must show every gate "
+                                           "passed before any run starts (the bench's teacher); unset: not checked")
+    tuning: dict | None = setting(None, help="{axis, grid: {value: {stage.key: [...]}}, seed, keys}: the same grid "
+                                             "per method, chosen on validation first (pipeline/study/tuning.py)")
     primary: list = setting([], help="the comparisons the study is run for, declared before it runs: a list of "
                                      "{axis: value} naming cells (each against the baseline); the rest are secondary")
     plot: dict = setting({}, help="{kind: heatmap, x, y} | {kind: lines, x, lines} | {kind: bars, x}")
@@ -101,7 +105,12 @@ class StudyConfig:
 
 
 def main(cfg: StudyConfig) -> dict[str, Any]:
+    if cfg.gates:
+        check_gates(cfg.gates)
     out = Path(cfg.output_dir)
+    tuned = None
+    if cfg.tuning:  # the tuning study first (OUT/tuning), then this one with each method's chosen point
+        cfg, tuned = tuning.choose(cfg, main(tuning.tuning_study(cfg, out))["rows"])
     grid = cells(cfg)
     runs = plan(cfg, grid, out)
     # The study's own record holds its lock and config; each run's output_dir keeps its own
@@ -123,9 +132,21 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
         for run in runs:
             execute(run)
     log.info(f"study ran in {time.time() - start:.0f} s")
-    result = report.report(cfg, grid, runs, out)
+    result = report.report(cfg, grid, runs, out, tuned)
     study_run.finish(config=cfg)
     return result
+
+
+def check_gates(path: str) -> None:
+    """Refuse a study whose bench has not passed its gates (pipeline/study/gates.py)."""
+    import json
+
+    if not Path(path).is_file():
+        raise UserError(f"gates: {path} does not exist: run `python -m pipeline gates` on the study's teacher first")
+    failed = [name for name, ok in json.loads(Path(path).read_text())["gates"].items() if not ok]
+    if failed:
+        raise UserError(f"gates: {path} shows the gate(s) {', '.join(failed)} failed: a study on this bench cannot "
+                        "show what the methods do; fix the teacher or the task first")
 
 
 # ---------------------------------------------------------------------------- command line

@@ -1,7 +1,8 @@
 """Reading a study back: per cell, mean pass@1 over seeds with their spread, what the student
 trained on, its size, and paired differences against the baseline (same seeds, same prompts;
 intervals and tests in stats.py, Holm-adjusted over the study's comparisons, its declared
-primary ones marked), written as OUT/study.json, OUT/study.md (the table) and OUT/study.png.
+primary ones marked), written as OUT/study.json, OUT/study.md (the table) and OUT/study.png; with validation curves
+(pipeline/validation.py), OUT/study-validation.png.
 
 It reads what the runs wrote: each eval's samples, each student's train summary
 (pipeline/training.py) and each run's record (pipeline/rundir.py).
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # the config lives in the package's __init__, which imports t
 log = logging.getLogger(__name__)
 
 
-def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> dict[str, Any]:
+def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path,
+           tuned: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mean pass@1 over seeds per cell, the spread across seeds, and paired differences against
     the baseline: per seed, with a hierarchical bootstrap interval, a sign-flip test over seeds
     and Holm-adjusted p-values over all of the study's comparisons."""
@@ -63,6 +65,10 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
                "per_seed": pass1, "trained_samples": summary.get("samples"), "trained_prompts": summary.get("prompts"),
                "trained_tokens": summary.get("completion_tokens"), "tokens_seen": None if None in seen else sum(seen),
                "parameters": parameters(list(members[0].outputs.values())[-1])}
+        curves = {c.labels["seed"]: train_summary(list(c.outputs.values())[-1]).get("validation_curve")
+                  for c in members}
+        if any(curves.values()):  # the last training stage's validation curve, per seed (pipeline/validation.py)
+            row["validation_curve"] = curves
         base_key = tuple(cfg.baseline.get(a, v) for a, v in zip(axes, key))
         if cfg.baseline and base_key != key and base_key in groups:
             row["vs_baseline"] = stats.compare(seeds, per_seed(base_key))
@@ -74,10 +80,12 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path) -> di
     seconds = sum(run_seconds(r.config["output_dir"]) for r in runs)
     result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
               "primary": cfg.primary, "level": stats.LEVEL, "comparisons": len(compared), "references": references,
-              "rows": rows, "run_seconds": round(seconds)}
+              "rows": rows, "run_seconds": round(seconds), "tuning": tuned}
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "study.md").write_text(markdown(result))
     plot(result, cfg.plot, out / "study.png")
+    if any("validation_curve" in r for r in rows):
+        plot_validation(result, out / "study-validation.png")
     log.info(markdown(result))
     log.info(f"table: {out / 'study.md'}, plot: {out / 'study.png'}")
     return result
@@ -155,6 +163,14 @@ def markdown(result: dict[str, Any]) -> str:
                                          f"{row['parameters']:,}" if row.get("parameters") else "",
                                          f"{row['trained_samples']} ({row['trained_prompts']})",
                                          str(row["trained_tokens"]), str(row.get("tokens_seen")), diff_text]) + " |")
+    if result.get("tuning"):
+        t = result["tuning"]
+        lines += ["", f"Tuning (pipeline/study/tuning.py): each {t['axis']} value's grid, run at seed {t['seed']} and "
+                  "scored on the validation split (pass@1); the chosen point ran on the seeds above.", "",
+                  "| value | grid points: validation pass@1 | chosen |", "|---|---|---|"]
+        for label, m in t["methods"].items():
+            scores = ", ".join(f"{n.split(',', 1)[-1]} {score:.3f}" for n, score in m["validation_pass@1"].items())
+            lines.append(f"| {label} | {scores} | {', '.join(f'{k}={v}' for k, v in m['chosen'].items())} |")
     refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
     lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
               ""]
@@ -218,6 +234,33 @@ def plot(result: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     references = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
     shown = f"\n(reference: {references})" if kind == "heatmap" and references else ""
     ax.set_title(textwrap.fill(title, 70) + shown, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_validation(result: dict[str, Any], path: Path) -> None:
+    """study-validation.png: each cell's validation pass@1 over steps, the mean over its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in (r for r in result["rows"] if "validation_curve" in r):
+        by_step: dict[int, list[float]] = {}
+        for points in row["validation_curve"].values():
+            for point in points or []:
+                by_step.setdefault(point["step"], []).append(point["pass@1"])
+        steps = sorted(by_step)
+        ax.plot(steps, [_mean(by_step[s]) for s in steps], marker=".",
+                label=", ".join(str(row[a]) for a in result["axes"]) or "all")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation pass@1 (greedy; mean over seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(textwrap.fill("validation: " + (result["description"].split(" (make study")[0] or "study"), 70),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
