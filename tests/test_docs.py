@@ -74,10 +74,12 @@ RUN_BY = {
     "python -m pipeline eval": "tests/test_make.py::test_stages_alone_in_readme_order (recipes: GPU only)",
     "python -m pipeline study": "tests/test_make.py::test_make_study_reduced",
     "python -m pipeline teacher": "tests/test_make.py::test_make_teacher_trains_then_scores",
-    "python -m pipeline gates": "tests/test_gates.py::test_the_shipped_keyed_teacher_passes_its_gates",
+    "python -m pipeline gates":
+        "tests/test_gates.py::test_the_shipped_keyed_teacher_is_strong_has_choices_and_fixes_slips",
     "python -m pipeline tiny": "tests/test_sft.py::test_bad_inputs_fail_with_their_message (builds a model with it)",
     "python prompts/arithmetic/make.py":
         "tests/test_prompts.py::test_shipped_splits_are_disjoint_and_made_by_the_script[arithmetic]",
+    "python prompts/keyed/make.py": "tests/test_gates.py::test_the_shipped_rows_are_what_make_py_writes",
     "python prompts/sums/make.py":
         "tests/test_prompts.py::test_shipped_splits_are_disjoint_and_made_by_the_script[sums]",
     "vllm serve": "tests/test_onpolicy.py::test_served_teacher_equals_the_local_one_at_full_top_k (a tiny teacher "

@@ -36,10 +36,17 @@ def test_the_shipped_rows_are_valid_paths_with_slips_only_in_train() -> None:
                 make.check_solution(problem, text)
         paths = [text for row in rows for text in row["solutions"]]
         slipped[split] = sum("\nfix >" in text for text in paths) / len(paths)
-    assert 0.08 < slipped["train"] < 0.12 and slipped["validation"] == slipped["test"] == 0, slipped
+    assert 0.47 < slipped["train"] < 0.53 and slipped["validation"] == slipped["test"] == 0, slipped
     questions = {s: {json.loads(x)["question"] for x in (ROOT / f"prompts/keyed/{s}.jsonl").read_text().splitlines()}
                  for s in ("train", "validation", "test")}
     assert not (questions["train"] & questions["test"]) and not (questions["validation"] & questions["test"])
+
+
+def test_the_shipped_rows_are_what_make_py_writes(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "prompts/keyed/make.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for split in ("train", "validation", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"prompts/keyed/{split}.jsonl").read_bytes(), split
 
 
 def test_a_wrong_total_must_be_fixed_on_the_next_line() -> None:
@@ -67,13 +74,32 @@ def test_an_injected_slip_is_one_wrong_total_at_the_end_of_a_correct_prefix() ->
         assert 1 <= len(lines) <= 3 and text.endswith("\n")
 
 
-@pytest.mark.slow
-def test_the_shipped_keyed_teacher_passes_its_gates(tmp_path: Path) -> None:
-    """`python -m pipeline gates --config configs/studies/keyed/gates.yaml`, on 40 test prompts."""
+def gates_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     result = subprocess.run([sys.executable, "-m", "pipeline", "gates", "--config", "configs/studies/keyed/gates.yaml",
-                             "--output_dir", str(tmp_path), "--max_prompts", "40"],
+                             "--output_dir", str(tmp_path), "--max_prompts", "40", *args],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
     gates = json.loads((tmp_path / "gates.json").read_text())
-    assert gates["gates"] == {"strong": True, "choices": True, "recovers": True}, gates
-    assert gates["n_prompts"] == 40 and (tmp_path / "gates.md").read_text().count("| yes |") == 3
+    failed = [name for name, ok in gates["gates"].items() if not ok]
+    # Both files are written either way; a failed gate is an error that names it.
+    assert (result.returncode == 0) == (not failed), result.stderr[-3000:]
+    assert not failed or f"fails the gate(s) {', '.join(failed)}" in result.stderr, result.stderr[-3000:]
+    assert (tmp_path / "gates.md").read_text().count("| yes |") == len(gates["gates"]) - len(failed)
+    return result, gates
+
+
+@pytest.mark.slow
+def test_the_shipped_keyed_teacher_is_strong_has_choices_and_fixes_slips(tmp_path: Path) -> None:
+    """`python -m pipeline gates --config configs/studies/keyed/gates.yaml`, on 40 test prompts.
+    Its recovery (0.455 on all 200: BENCHMARKS.md) is below the gate's 0.5; a teacher trained on a
+    tenth of slipped paths wrote no fix at all (0.13 recovered)."""
+    _, gates = gates_run(tmp_path)
+    assert gates["n_prompts"] == 40 and gates["gates"]["strong"] and gates["gates"]["choices"], gates
+    assert gates["fix_next"] > 0.2 and gates["recovery"] > 0.2, gates
+
+    # A student as good as its teacher leaves no room: that gate fails too.
+    report = tmp_path / "student/report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"models": {"student": {"pass@1": gates["pass@1"]}}}))
+    (tmp_path / "gates.json").unlink()
+    _, again = gates_run(tmp_path, "--student_report", str(report))
+    assert again["student_over_teacher"] == 1.0 and again["gates"]["room"] is False

@@ -158,7 +158,7 @@ def test_make_bench_quick(clone: Path) -> None:
         assert (clone / "runs/bench" / f"{script.stem.removeprefix('bench_')}.json").is_file(), script.name
 
 
-@pytest.mark.parametrize("name", ["temperature", "data", "samples", "continuation", "methods"])
+@pytest.mark.parametrize("name", ["temperature", "data", "samples", "continuation", "methods", "keyed-kd"])
 def test_make_study_reduced(clone: Path, name: str) -> None:
     from pipeline.study import cells, load_study
 
@@ -184,6 +184,11 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
             assert diff["ci"][0] <= diff["mean"] <= diff["ci"][1] and diff["p_bootstrap"] <= diff["p_holm"] <= 1, diff
     assert table["comparisons"] == sum("vs_baseline" in row for row in table["rows"])
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
+    if study.tuning:  # every method tuned on its grid, on validation, before the seeds ran
+        assert {m: len(v["validation_pass@1"]) for m, v in table["tuning"]["methods"].items()} == {"SFT": 2, "KD": 2}
+        assert (out / "tuning/study.json").is_file() and "Tuning" in (out / "study.md").read_text()
+        assert all(len(row["validation_curve"]["0"]) == 1 for row in table["rows"])  # step 2 of 2
+        assert (out / "study-validation.png").is_file()
     if name == "methods":  # 2 runs at a time; the shrunk student's own size
         sizes = {row["method"]: row["parameters"] for row in table["rows"]}
         shrunk = json.loads((out / "shrunk/method-Shrunk+KD/shrink.json").read_text())["parameters"]["student"]

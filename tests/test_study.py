@@ -75,6 +75,24 @@ def test_runs_chain_and_share_traces(tmp_path: Path) -> None:
     assert models[0] == "teacher=prompts/sums/teacher" and len(models) == 9
 
 
+def test_an_axis_of_student_sizes_trains_each_size_from_its_own_inits(tmp_path: Path) -> None:
+    from pipeline.study.grid import inits
+
+    sizes = {"values": {"quarter": {"student_init": {"arch": "llama", "hidden_size": 64, "num_layers": 3}},
+                        "half": {"student_init": {"arch": "llama", "hidden_size": 96, "num_layers": 4}}}}
+    cfg = study(output_dir=str(tmp_path), axes={"student": sizes, "method": METHOD}, student_init={"hidden_size": 32})
+    grid = cells(cfg)
+    sft = {r.name: r.config for r in plan(cfg, grid, tmp_path) if r.stage == "sft"}
+    assert sft["student-half__method-KD__seed-1"]["model"] == str(tmp_path / "inits/student-half/seed-1")
+    assert len(sft) == 8 and not any(r.endswith("inits/seed-0") for r in (c["model"] for c in sft.values()))
+    built = inits(cfg, grid, tmp_path)
+    assert built[tmp_path / "inits/student-quarter/seed-0"] == {"arch": "llama", "hidden_size": 64, "num_layers": 3,
+                                                                 "seed": 0}
+    assert len(built) == 4 and {a["hidden_size"] for a in built.values()} == {64, 96}
+    with pytest.raises(UserError, match="student_init takes tiny.build_model arguments"):
+        cells(study(axes={"student": {"values": {"quarter": {"student_init": 64}}}}))
+
+
 def test_a_finished_run_is_reused_and_one_whose_config_changed_is_refused(tmp_path: Path, caplog) -> None:
     from pipeline import rundir
     from pipeline.stages import sft

@@ -18,8 +18,10 @@ models (the teacher) beside them. A cell trains with the training stages (shrink
 its axis values set keys of, in that order, each from the last one's student (none set: sft); the
 first starts from the seed's init: `student_init`, then `warm_start` (sft keys run once per seed on
 it, e.g. a student stopped early that every method continues), unless it is shrink, which cuts a
-student from its teacher. The value "{peer_init}" is replaced by a second init per seed (built like
-`student_init`, seed + 1000): a mutual-learning peer. Runs with the same config run once.
+student from its teacher; an axis value may give its cells an init of their own
+(`{student_init: {hidden_size: 96, ...}}`: a second student size). The value "{peer_init}" is
+replaced by a second init per seed (built like the cell's init, seed + 1000): a mutual-learning
+peer. Runs with the same config run once.
 Every stage is a normal run, `python -m pipeline STAGE --config OUT/configs/...yaml`, in its own
 process, under the run contract: a finished one is reused on a rerun, a killed one resumes, and a
 run whose config changed since is refused before any run starts.
@@ -46,7 +48,7 @@ from typing import Any
 from pipeline import rundir
 from pipeline.config import UserError, load_config, parse_yaml, require, setting
 from pipeline.study import report, tuning
-from pipeline.study.grid import STAGES, axis_values, cells, init_seeds, plan, student_init
+from pipeline.study.grid import STAGES, axis_values, cells, inits, plan
 from pipeline.study.runner import check_config, execute, execute_parallel
 
 log = logging.getLogger(__name__)
@@ -108,23 +110,24 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     if cfg.gates:
         check_gates(cfg.gates)
     out = Path(cfg.output_dir)
+    # The study's own record holds its lock and config (as given: the tuned points are in its
+    # results); each run's output_dir keeps its own record, so a study may grow (more axis
+    # values, more models) and reuse what finished.
+    given = cfg
+    study_run = rundir.open_run(given, "study", {}, {f.name for f in dataclasses.fields(StudyConfig)})
     tuned = None
     if cfg.tuning:  # the tuning study first (OUT/tuning), then this one with each method's chosen point
         cfg, tuned = tuning.choose(cfg, main(tuning.tuning_study(cfg, out))["rows"])
     grid = cells(cfg)
     runs = plan(cfg, grid, out)
-    # The study's own record holds its lock and config; each run's output_dir keeps its own
-    # record, so a study may grow (more axis values, more models) and reuse what finished.
-    study_run = rundir.open_run(cfg, "study", {}, {f.name for f in dataclasses.fields(StudyConfig)})
     log.info(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
     for run in runs:  # every config is checked before anything runs
         check_config(run)
-    if cfg.student_init:
-        from pipeline.demo.tiny import build_model
+    from pipeline.demo.tiny import build_model
 
-        for seed in init_seeds(cfg, grid):
-            if not (student_init(out, seed) / "config.json").is_file():
-                build_model(student_init(out, seed), **cfg.student_init, seed=seed)
+    for path, args in inits(cfg, grid, out).items():
+        if not (path / "config.json").is_file():
+            build_model(path, **args)
     start = time.time()
     if cfg.jobs > 1:
         execute_parallel(runs, cfg.jobs, out / "logs")
@@ -133,7 +136,7 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
             execute(run)
     log.info(f"study ran in {time.time() - start:.0f} s")
     result = report.report(cfg, grid, runs, out, tuned)
-    study_run.finish(config=cfg)
+    study_run.finish(config=given)
     return result
 
 

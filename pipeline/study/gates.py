@@ -82,10 +82,12 @@ def main(cfg: GatesConfig) -> dict[str, Any]:
         shutdown(llm)
 
     answers = [p.answer for p in prompts]
-    correct = lambda outs: [[v == "correct" for v, _ in score_texts(o, [a] * len(o), ScoringConfig(), "math")]  # noqa: E731
-                            for o, a in zip(outs, answers)]
-    ok_t, ok_greedy, ok_1 = correct(at_t), correct(greedy), correct(at_1)
-    ok_slip = correct([[prefix + c[0]] for prefix, c in zip(slipped, continued)])
+    with_slip = [[prefix + c[0]] for prefix, c in zip(slipped, continued)]
+    # One scoring pass over everything (each pass starts its own pool of processes).
+    kinds = [at_t, greedy, at_1, with_slip]
+    flat = [(text, a) for outs in kinds for o, a in zip(outs, answers) for text in o]
+    verdicts = iter(v == "correct" for v, _ in score_texts(*map(list, zip(*flat)), ScoringConfig(), "math"))
+    ok_t, ok_greedy, ok_1, ok_slip = ([[next(verdicts) for _ in o] for o in outs] for outs in kinds)
     distinct = [len({text for text, ok in zip(outs, oks) if ok}) for outs, oks in zip(at_1, ok_1)]
     teacher = mean(sum(o) / len(o) for o in ok_t)
     result: dict[str, Any] = {

@@ -4,8 +4,9 @@ they need (`plan`), in the order those must run.
 A cell's runs are named by the labels of the axes that reach them (`Cell.name`), so that runs with the
 same config are one run: cells that share generate overrides share their traces, and one eval scores
 the students of every cell that shares its eval keys. Each seed trains from its own init
-(`student_init`, when the study builds one), and "{peer_init}" stands for a second init per seed
-(seed + PEER_OFFSET): a mutual-learning peer.
+(`student_init`, when the study builds one; an axis value may give its cells their own, e.g. a
+second student size: `{student_init: {hidden_size: 96, ...}}`), and "{peer_init}" stands for a
+second init per seed (seed + PEER_OFFSET): a mutual-learning peer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STAGES = ("generate", "shrink", "sft", "onpolicy", "eval")
 TRAINING = ("shrink", "sft", "onpolicy")  # shrink makes a student from the teacher; the others train one
 PEER_INIT = "{peer_init}"  # a value that stands for a second random init per seed (a mutual-learning peer)
 PEER_OFFSET = 1000
+INIT = "student_init"  # a bundle key without a stage: the cell's own random init (tiny.build_model arguments)
 
 
 # ---------------------------------------------------------------------------- cells
@@ -36,14 +38,15 @@ class Cell:
 
     labels: dict[str, str]
     overrides: dict[str, dict[str, Any]]  # stage -> key -> value
-    stages_set: dict[str, set[str]]  # axis -> the stages its value sets keys of
+    stages_set: dict[str, set[str]]  # axis -> the stages its value sets keys of ("init": its student_init)
+    init: tuple[str, dict[str, Any]] | None = None  # (its axis-label name, build arguments) when an axis sets one
     outputs: dict[str, str] = field(default_factory=dict)  # training stage -> its student's dir (set by plan)
 
     def name(self, stage: str) -> str:
         """The run's name: the labels of the dimensions that reach it. A student depends on its
         traces and earlier training; one eval scores the students of every cell that shares its eval keys."""
-        reach = {"generate": {"generate"}, "shrink": {"shrink"}, "sft": {"generate", "shrink", "sft"},
-                 "onpolicy": {"generate", "shrink", "sft", "onpolicy"}, "eval": {"eval"}}[stage]
+        reach = {"generate": {"generate"}, "shrink": {"shrink"}, "sft": {"generate", "shrink", "init", "sft"},
+                 "onpolicy": {"generate", "shrink", "init", "sft", "onpolicy"}, "eval": {"eval"}}[stage]
         parts = [f"{axis}-{label}" for axis, label in self.labels.items() if self.stages_set[axis] & reach]
         return _slug("__".join(parts) or "all")
 
@@ -70,17 +73,24 @@ def cells(cfg: StudyConfig) -> list[Cell]:
     dims.append([(("seed", (str(s), {k: s for k in cfg.seed_keys})),) for s in cfg.seeds])
     out = []
     for combo in itertools.product(*dims):
-        labels, overrides, touched = {}, {s: {} for s in STAGES}, {}
+        labels, overrides, touched, init = {}, {s: {} for s in STAGES}, {}, None
         for axis, (label, bundle) in (pair for group in combo for pair in group):
             labels[axis] = label
             touched[axis] = set()
             for dotted, value in bundle.items():
+                if dotted == INIT:
+                    if init or not isinstance(value, dict):
+                        raise UserError(f"axis {axis!r}, value {label!r}: {INIT} takes tiny.build_model arguments "
+                                        f"({{arch: llama, hidden_size: 96, ...}}), and one axis sets it")
+                    init = (_slug(f"{axis}-{label}"), value)
+                    touched[axis].add("init")
+                    continue
                 stage, key = stage_key(dotted, f"axis {axis!r}, value {label!r}")
                 if key in overrides[stage]:
                     raise UserError(f"{dotted} is set by two axes ({axis!r} and another): give it to one")
                 overrides[stage][key] = value
                 touched[axis].add(stage)
-        out.append(Cell(labels, overrides, touched))
+        out.append(Cell(labels, overrides, touched, init))
     return out
 
 
@@ -154,7 +164,7 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             traces = out / "traces" / cell.name("generate")
             add("generate", cell.name("generate"), {**base["generate"], **common["generate"],
                                                     **cell.overrides["generate"], "output_dir": str(traces)})
-        model = str(student_init(out, seed)) if cfg.student_init else None
+        model = str(student_init(out, seed, cell)) if cfg.student_init or cell.init else None
         if cfg.warm_start:
             warm = {**base["sft"], **common["sft"], **{k: seed for k in sft_seed_keys(cfg)},
                     **{stage_key(k, "warm_start")[1]: v for k, v in cfg.warm_start.items()}}
@@ -167,7 +177,8 @@ def plan(cfg: StudyConfig, grid: list[Cell], out: Path) -> list[Run]:
             if stage not in base:
                 raise UserError(f"cell {cell.labels}: its axes set {stage} keys, but stages names no {stage} config")
             config = {**base[stage], **common[stage], **cell.overrides[stage]}
-            config = {k: str(student_init(out, seed + PEER_OFFSET)) if v == PEER_INIT else v for k, v in config.items()}
+            config = {k: str(student_init(out, seed + PEER_OFFSET, cell)) if v == PEER_INIT else v
+                      for k, v in config.items()}
             if stage == "shrink":  # a student cut from its teacher: the next stage's init
                 model = output(stage, cell.name(stage), config, out / "shrunk" / cell.name(stage))
                 continue
@@ -192,12 +203,20 @@ def sft_seed_keys(cfg: StudyConfig) -> list[str]:
 
 # ---------------------------------------------------------------------------- seeds' inits
 
-def student_init(out: Path, seed: int) -> Path:
-    return out / "inits" / f"seed-{seed}"
+def student_init(out: Path, seed: int, cell: Cell | None = None) -> Path:
+    return out / "inits" / (cell.init[0] if cell and cell.init else "") / f"seed-{seed}"
 
 
-def init_seeds(cfg: StudyConfig, grid: list[Cell]) -> list[int]:
-    """The seeds of the random inits the grid trains from: each seed's, and its peer's (seed + PEER_OFFSET)
-    where a value is PEER_INIT."""
-    peers = PEER_INIT in json.dumps([c.overrides for c in grid])
-    return [*cfg.seeds, *([s + PEER_OFFSET for s in cfg.seeds] if peers else [])]
+def inits(cfg: StudyConfig, grid: list[Cell], out: Path) -> dict[Path, dict[str, Any]]:
+    """Each random init the grid trains from -> its tiny.build_model arguments: every seed's (the
+    cell's own student_init or the study's) and its peer's (seed + PEER_OFFSET) where a value is PEER_INIT."""
+    found = {}
+    for cell in grid:
+        args = cell.init[1] if cell.init else cfg.student_init
+        if args:
+            seed = int(cell.labels["seed"])
+            peer = PEER_INIT in json.dumps(cell.overrides)
+            for s in [seed, *([seed + PEER_OFFSET] if peer else [])]:
+                found[student_init(out, s, cell)] = {**args, "seed": s}
+    return found
+

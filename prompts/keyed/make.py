@@ -18,13 +18,14 @@ on all of them:
 
 Each line takes one key not used yet, copies its value and writes the running total. The order
 is the only free choice (n! valid traces: a teacher trained on several samples distinct correct
-traces at T = 1), and every step is a local lookup: a key's value, the last total. About 10%
-of the paths (`--slips`) hold one wrong total followed by a `fix` line with the right one, so
-the teacher learns to check a total and recover. Deterministic for a given --seed; every path
-is checked; no problem (as a set of key-value pairs) is in two splits.
+traces at T = 1), and every step is a local lookup: a key's value, the last total. Half of
+the training paths (`--slips`) hold one wrong total followed by a `fix` line with the right one,
+so the teacher learns to check a total and recover (at a tenth, a teacher trained 6 epochs never
+wrote a fix: from a slipped prefix it reached the right answer 0.13 of the time). Deterministic
+for a given --seed; every path is checked; no problem (as a set of key-value pairs) is in two splits.
 
     python prompts/keyed/make.py [--seed 0] [--train 4000] [--validation 200] [--test 200]
-                                 [--paths 4] [--slips 0.1] [--out DIR]
+                                 [--paths 4] [--slips 0.5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=200, help="number of validation rows")
     parser.add_argument("--test", type=int, default=200, help="number of test rows")
     parser.add_argument("--paths", type=int, default=4, help="worked solutions per row")
-    parser.add_argument("--slips", type=float, default=0.1, help="share of paths with one slip and its fix")
+    parser.add_argument("--slips", type=float, default=0.5, help="share of paths with one slip and its fix")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
 
