@@ -123,10 +123,11 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     log.info(f"study {out}: {len(grid)} cells ({len(cfg.seeds)} seeds), {len(runs)} runs")
     for run in runs:  # every config is checked before anything runs
         check_config(run)
-    from pipeline.demo.tiny import build_model
+    missing = {path: args for path, args in inits(cfg, grid, out).items() if not (path / "config.json").is_file()}
+    if missing:  # tiny imports transformers: only when an init is to be built
+        from pipeline.demo.tiny import build_model
 
-    for path, args in inits(cfg, grid, out).items():
-        if not (path / "config.json").is_file():
+        for path, args in missing.items():
             build_model(path, **args)
     start = time.time()
     if cfg.jobs > 1:

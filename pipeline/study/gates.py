@@ -85,8 +85,9 @@ def main(cfg: GatesConfig) -> dict[str, Any]:
     with_slip = [[prefix + c[0]] for prefix, c in zip(slipped, continued)]
     # One scoring pass over everything (each pass starts its own pool of processes).
     kinds = [at_t, greedy, at_1, with_slip]
-    flat = [(text, a) for outs in kinds for o, a in zip(outs, answers) for text in o]
-    verdicts = iter(v == "correct" for v, _ in score_texts(*map(list, zip(*flat)), ScoringConfig(), "math"))
+    texts = [text for outs in kinds for o in outs for text in o]
+    references = [a for outs in kinds for o, a in zip(outs, answers) for _ in o]
+    verdicts = iter(v == "correct" for v, _ in score_texts(texts, references, ScoringConfig(), "math"))
     ok_t, ok_greedy, ok_1, ok_slip = ([[next(verdicts) for _ in o] for o in outs] for outs in kinds)
     distinct = [len({text for text, ok in zip(outs, oks) if ok}) for outs, oks in zip(at_1, ok_1)]
     teacher = mean(sum(o) / len(o) for o in ok_t)

@@ -219,4 +219,3 @@ def inits(cfg: StudyConfig, grid: list[Cell], out: Path) -> dict[Path, dict[str,
             for s in [seed, *([seed + PEER_OFFSET] if peer else [])]:
                 found[student_init(out, s, cell)] = {**args, "seed": s}
     return found
-
