@@ -103,3 +103,17 @@ def test_the_shipped_keyed_teacher_is_strong_has_choices_and_fixes_slips(tmp_pat
     (tmp_path / "gates.json").unlink()
     _, again = gates_run(tmp_path, "--student_report", str(report))
     assert again["student_over_teacher"] == 1.0 and again["gates"]["room"] is False
+
+
+def test_the_room_gate_reads_the_named_student_and_refuses_a_name_its_report_lacks(tmp_path: Path) -> None:
+    from pipeline.config import UserError
+    from pipeline.study.gates import GatesConfig, student_pass1
+
+    report = tmp_path / "report.json"  # a study's eval names its students by cell
+    report.write_text(json.dumps({"models": {"teacher": {"pass@1": 0.99}, "student-quarter__seed-0": {"pass@1": 0.6}}}))
+    cfg = GatesConfig(model="prompts/keyed/teacher", prompt_set="prompts/keyed", output_dir=str(tmp_path),
+                      student_report=str(report), student_model="student-quarter__seed-0")
+    assert student_pass1(cfg) == 0.6
+    cfg.student_model = "student"
+    with pytest.raises(UserError, match="scores no model 'student', only teacher, student-quarter__seed-0"):
+        student_pass1(cfg)

@@ -184,6 +184,7 @@ def test_make_study_reduced(clone: Path, name: str) -> None:
             assert diff["ci"][0] <= diff["mean"] <= diff["ci"][1] and diff["p_bootstrap"] <= diff["p_holm"] <= 1, diff
     assert table["comparisons"] == sum("vs_baseline" in row for row in table["rows"])
     assert (out / "study.md").is_file() and (out / "study.png").stat().st_size > 10_000
+    assert table["wall_seconds"] > 0 and "commit" in table  # a copy outside git: its commit is unknown (None)
     if study.tuning:  # every method tuned on its grid, on validation, before the seeds ran
         assert {m: len(v["validation_pass@1"]) for m, v in table["tuning"]["methods"].items()} == {"SFT": 2, "KD": 2}
         assert (out / "tuning/study.json").is_file() and "Tuning" in (out / "study.md").read_text()

@@ -4,6 +4,7 @@ The shipped studies run for real, reduced, in tests/test_make.py."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,18 @@ def test_tuning_gives_every_method_the_same_grid_and_keeps_the_best_on_validatio
         tuning.candidates(study(tuning={"axis": "method", "grid": unequal}))
     with pytest.raises(UserError, match="must be an axis of named bundles"):
         tuning.candidates(study(tuning={"axis": "T", "grid": grid}))
+
+
+def test_a_study_names_the_commit_it_ran_on_and_says_when_files_differ(tmp_path: Path) -> None:
+    from pipeline.study.report import source_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    assert source_commit(tmp_path) is None  # not a git checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "stage.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "stage.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout
+    assert head.startswith(source_commit(tmp_path)) and len(source_commit(tmp_path)) == 12
+    (tmp_path / "stage.py").write_text("a = 2\n")
+    assert source_commit(tmp_path) == head[:12] + "+changes"

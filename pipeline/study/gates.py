@@ -45,7 +45,9 @@ class GatesConfig(EngineConfig, PromptSource):
     max_tokens: int = setting(160, help="tokens per completion")
     seed: int = setting(0, help="sampling and slip seed")
     student_report: str | None = setting(None, help="an eval report.json holding the smaller student at its plateau "
-                                                    "(model `student`), for the room gate; unset: not checked")
+                                                    "(model `student_model`), for the room gate; unset: not checked")
+    student_model: str = setting("student", help="the smaller student's model name in student_report (a study's: "
+                                                 "student-quarter__seed-0, say)")
     min_pass1: float = setting(0.95, help="strong: the least pass@1, at T and greedy")
     min_distinct: float = setting(3.0, help="choices: the least mean distinct correct traces per prompt at T 1")
     min_recovery: float = setting(0.5, help="recovers: the least share of slipped prefixes that still end right")
@@ -59,10 +61,20 @@ class GatesConfig(EngineConfig, PromptSource):
         require(self, "model", "prompt_set", "output_dir", example="configs/studies/keyed/gates.yaml")
 
 
+def student_pass1(cfg: GatesConfig) -> float:
+    """The smaller student's pass@1 in student_report (an eval report.json)."""
+    models = json.loads(Path(cfg.student_report).read_text())["models"]
+    if cfg.student_model not in models:
+        raise UserError(f"student_model: {cfg.student_report} scores no model {cfg.student_model!r}, only "
+                        f"{', '.join(models)}: name the smaller student with --student_model")
+    return models[cfg.student_model]["pass@1"]
+
+
 def main(cfg: GatesConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
+    student = student_pass1(cfg) if cfg.student_report else None  # a bad report is refused before sampling
     prompts = load_prompts(cfg, require_answers=True).prompts
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     texts = [render(tokenizer, p) for p in prompts]
@@ -101,8 +113,7 @@ def main(cfg: GatesConfig) -> dict[str, Any]:
     gates = {"strong": min(result["pass@1"], result["pass@1_greedy"]) >= cfg.min_pass1,
              "choices": result["distinct_correct_at_T1"] >= cfg.min_distinct,
              "recovers": result["recovery"] >= cfg.min_recovery}
-    if cfg.student_report:
-        student = json.loads(Path(cfg.student_report).read_text())["models"]["student"]["pass@1"]
+    if student is not None:
         result["student_over_teacher"] = student / teacher if teacher else float("nan")
         gates["room"] = cfg.room[0] <= result["student_over_teacher"] <= cfg.room[1]
     result["gates"] = gates

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import statistics
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path,
-           tuned: dict[str, Any] | None = None) -> dict[str, Any]:
+           tuned: dict[str, Any] | None = None, wall_seconds: float | None = None,
+           commit: str | None = None) -> dict[str, Any]:
     """Mean pass@1 over seeds per cell, the spread across seeds, and paired differences against
     the baseline: per seed, with a hierarchical bootstrap interval, a sign-flip test over seeds
     and Holm-adjusted p-values over all of the study's comparisons."""
@@ -80,7 +82,8 @@ def report(cfg: StudyConfig, grid: list[Cell], runs: list[Run], out: Path,
     seconds = sum(run_seconds(r.config["output_dir"]) for r in runs)
     result = {"description": cfg.description, "axes": axes, "seeds": cfg.seeds, "baseline": cfg.baseline,
               "primary": cfg.primary, "level": stats.LEVEL, "comparisons": len(compared), "references": references,
-              "rows": rows, "run_seconds": round(seconds), "tuning": tuned}
+              "rows": rows, "run_seconds": round(seconds), "tuning": tuned,
+              "wall_seconds": None if wall_seconds is None else round(wall_seconds), "commit": commit}
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "study.md").write_text(markdown(result))
     plot(result, cfg.plot, out / "study.png")
@@ -113,6 +116,18 @@ def train_summary(model_dir: str) -> dict[str, Any]:
     from pipeline.training import read_train_summary
 
     return read_train_summary(model_dir)
+
+
+def source_commit(root: Path = Path(__file__).resolve().parents[2]) -> str | None:
+    """The commit the pipeline ran from, `+changes` when its tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
 
 
 def run_seconds(output_dir: str) -> float:
@@ -172,8 +187,10 @@ def markdown(result: dict[str, Any]) -> str:
             scores = ", ".join(f"{n.split(',', 1)[-1]} {score:.3f}" for n, score in m["validation_pass@1"].items())
             lines.append(f"| {label} | {scores} | {', '.join(f'{k}={v}' for k, v in m['chosen'].items())} |")
     refs = ", ".join(f"{m} {v:.3f}" for m, v in result["references"].items())
-    lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s.",
-              ""]
+    wall = f"{result['wall_seconds']} s" if result.get("wall_seconds") is not None else "not recorded"
+    commit = result.get("commit") or "unknown"
+    lines += ["", f"Reference models (same eval): {refs or 'none'}. Run time of all runs: {result['run_seconds']} s; "
+              f"the study's wall time (tuning included): {wall}. Ran on commit {commit}.", ""]
     return "\n".join(lines)
 
 
