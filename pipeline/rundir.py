@@ -70,6 +70,10 @@ class Run:
     is_main: bool
     name: str = "run"
 
+    def elapsed(self) -> float:
+        """Seconds the run has taken so far, earlier sessions of a resumed run included."""
+        return self.record.get("seconds", 0) + time.time() - self.record.get("_started", time.time())
+
     def finish(self, config: Any = None, inputs: dict[str, Any] | None = None, **facts: Any) -> None:
         """Mark the run complete (facts: what the stage wants said beside it) and release the lock.
         `config` and `inputs`: what config.yaml and the record now hold, where they may grow from one
@@ -79,8 +83,8 @@ class Run:
                 self.record["inputs"] = inputs
             if config is not None:
                 save_config(config, files(self.out, self.name)[1])
-            started = self.record.pop("_started", time.time())
-            seconds = round(self.record.get("seconds", 0) + time.time() - started, 1)
+            seconds = round(self.elapsed(), 1)
+            self.record.pop("_started", None)
             self.record.update(status="complete", seconds=seconds, **facts)
             _write_json(files(self.out, self.name)[0], self.record)
             _release(files(self.out, self.name)[2])

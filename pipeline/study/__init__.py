@@ -115,7 +115,7 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
     # values, more models) and reuse what finished.
     given = cfg
     study_run = rundir.open_run(given, "study", {}, {f.name for f in dataclasses.fields(StudyConfig)})
-    opened, commit = time.time(), report.source_commit()  # the code the runs start from
+    commit = report.source_commit()  # the code the runs start from
     tuned = None
     if cfg.tuning:  # the tuning study first (OUT/tuning), then this one with each method's chosen point
         cfg, tuned = tuning.choose(cfg, main(tuning.tuning_study(cfg, out))["rows"])
@@ -137,8 +137,7 @@ def main(cfg: StudyConfig) -> dict[str, Any]:
         for run in runs:
             execute(run)
     log.info(f"study ran in {time.time() - start:.0f} s")
-    wall = study_run.record.get("seconds", 0) + time.time() - opened  # a resumed study adds its earlier sessions
-    result = report.report(cfg, grid, runs, out, tuned, wall_seconds=wall, commit=commit)
+    result = report.report(cfg, grid, runs, out, tuned, wall_seconds=study_run.elapsed(), commit=commit)
     study_run.finish(config=given)
     return result
 
